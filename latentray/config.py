@@ -1,0 +1,194 @@
+"""The job configuration: YAML in, validated dataclasses out.
+
+Unknown keys and bad values are refused with a message that names them and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASET_FORMATS = ("extxyz",)
+METRICS = ("gfre", "lfre")
+LEVELS = ("atom", "structure")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    path: str
+    format: str = "extxyz"
+    subset_key: str | None = "subset"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    family: str
+    checkpoint: str
+    layers: tuple[str, ...] = ("all",)
+    dtype: str = "float32"
+    device: str = "auto"
+    modality: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    shard_size: int = 250  # structures per unit of work
+    batch_atoms: int = 1024  # atom budget of one forward batch
+    actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_actor: int = 1
+    gpus_per_actor: float = 0.0
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    metrics: tuple[str, ...] = METRICS
+    levels: tuple[str, ...] = LEVELS
+    layers: tuple[str, ...] = ("bb",)  # compared between models, same name on both sides
+    n_test: int = 1000
+    seed: int = 0
+    order: int = 2  # cumulant order of the structure-level features
+
+
+@dataclass(frozen=True)
+class Config:
+    output: str
+    datasets: tuple[DatasetConfig, ...]
+    models: tuple[ModelConfig, ...]
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    analyses: AnalysisConfig = field(default_factory=AnalysisConfig)
+    source: str = "<dict>"  # where the config came from, for messages and provenance
+
+
+def _build(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown and missing keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = [
+        name for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        and name not in raw
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    values = {}
+    for name, value in raw.items():
+        default = fields[name].default
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif isinstance(default, tuple) and isinstance(value, str):
+            value = (value,)
+        values[name] = value
+    return cls(**values)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive_int(value: Any, where: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+           f"{where}: must be a positive integer, got {value!r}")
+
+
+def parse_config(raw: dict, source: str = "<dict>") -> Config:
+    """Validate a config mapping (as loaded from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping")
+    allowed = {"output", "datasets", "models", "extraction", "analyses"}
+    unknown = sorted(set(raw) - allowed)
+    _check(not unknown, f"{source}: unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("output", "datasets", "models"):
+        _check(key in raw, f"{source}: missing top-level key {key!r}")
+    _check(isinstance(raw["output"], str) and raw["output"],
+           f"{source}: 'output' must be a path or URI")
+    for key in ("datasets", "models"):
+        _check(isinstance(raw[key], list) and raw[key], f"{source}: {key!r} must be a non-empty list")
+
+    datasets = tuple(_build(DatasetConfig, d, f"{source}: datasets[{i}]")
+                     for i, d in enumerate(raw["datasets"]))
+    models = tuple(_build(ModelConfig, {k: (str(v) if k == "checkpoint" else v)
+                                        for k, v in m.items()} if isinstance(m, dict) else m,
+                          f"{source}: models[{i}]")
+                   for i, m in enumerate(raw["models"]))
+    extraction = _build(ExtractionConfig, raw.get("extraction") or {}, f"{source}: extraction")
+    analyses = _build(AnalysisConfig, raw.get("analyses") or {}, f"{source}: analyses")
+
+    for i, d in enumerate(datasets):
+        where = f"{source}: datasets[{i}]"
+        _check(isinstance(d.name, str) and d.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+               f"{where}.name: use letters, digits, '-', '_', '.', got {d.name!r}")
+        _check(d.format in DATASET_FORMATS,
+               f"{where}.format: {d.format!r} is not supported; choose from {list(DATASET_FORMATS)}")
+    names = [d.name for d in datasets]
+    _check(len(set(names)) == len(names), f"{source}: dataset names repeat: {names}")
+
+    for i, m in enumerate(models):
+        where = f"{source}: models[{i}] ({m.id})"
+        _check(isinstance(m.id, str) and m.id.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+               f"{where}.id: use letters, digits, '-', '_', '.', got {m.id!r}")
+        _check(isinstance(m.family, str) and m.family, f"{where}.family: required")
+        _check(m.dtype in ("float32", "float64"), f"{where}.dtype: float32 or float64, got {m.dtype!r}")
+        _check(all(isinstance(name, str) for name in m.layers) and m.layers,
+               f"{where}.layers: a list of layer names such as [bb, ll] or [all]")
+    ids = [m.id for m in models]
+    _check(len(set(ids)) == len(ids), f"{source}: model ids repeat: {ids}")
+
+    e = extraction
+    _positive_int(e.shard_size, f"{source}: extraction.shard_size")
+    _positive_int(e.batch_atoms, f"{source}: extraction.batch_atoms")
+    _positive_int(e.cpus_per_actor, f"{source}: extraction.cpus_per_actor")
+    if e.actors is not None:
+        _positive_int(e.actors, f"{source}: extraction.actors")
+    _check(isinstance(e.gpus_per_actor, (int, float)) and e.gpus_per_actor >= 0,
+           f"{source}: extraction.gpus_per_actor: a number >= 0")
+
+    a = analyses
+    bad = sorted(set(a.metrics) - set(METRICS))
+    _check(not bad, f"{source}: analyses.metrics: unknown {bad}; choose from {list(METRICS)}")
+    bad = sorted(set(a.levels) - set(LEVELS))
+    _check(not bad, f"{source}: analyses.levels: unknown {bad}; choose from {list(LEVELS)}")
+    _positive_int(a.n_test, f"{source}: analyses.n_test")
+    _check(isinstance(a.seed, int), f"{source}: analyses.seed: an integer")
+    _check(isinstance(a.order, int) and 1 <= a.order <= 8,
+           f"{source}: analyses.order: an integer from 1 to 8, got {a.order!r}")
+    for name in a.layers:
+        _check(name == "bb" or name == "ll" or (name.startswith("bb") and name[2:].isdigit()),
+               f"{source}: analyses.layers: {name!r} is not a layer name (bb, bbK, ll)")
+    return Config(output=raw["output"], datasets=datasets, models=models,
+                  extraction=extraction, analyses=analyses, source=source)
+
+
+def load_config(path: str | Path, output: str | None = None) -> Config:
+    """Read and validate a YAML config; ``output`` overrides its ``output`` key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(raw, dict) and output is not None:
+        raw = {**raw, "output": output}
+    return parse_config(raw, source=str(path))
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as plain data (for provenance and hashing)."""
+    data = dataclasses.asdict(config)
+    data.pop("source", None)
+    return data

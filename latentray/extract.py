@@ -1,0 +1,212 @@
+"""Extraction stage: (dataset shard, model) units run by Ray actors that hold the models.
+
+The actor is the only place that imports a model package. For each unit it
+
+1. converts every structure of the shard into the model's input (``adapter.prepare``);
+   a structure the model cannot process becomes a failure row with the reason;
+2. runs batched forward passes, each filled up to ``batch_atoms`` atoms (not a fixed
+   number of structures); a batch that fails is retried structure by structure, so
+   one bad structure costs only itself;
+3. writes one latents Parquet file per layer and one failures file, each atomically.
+
+The driver then records the unit in the manifest with the hashes of its inputs; a
+re-run skips every unit whose manifest entry matches (see :func:`unit_inputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import posixpath
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .config import ModelConfig
+from .datasets import StructureShard
+from .store import FAILURE_SCHEMA, Store, latent_table
+
+
+def _source_sha256(obj) -> str:
+    return hashlib.sha256(inspect.getsource(inspect.getmodule(obj)).encode()).hexdigest()
+
+
+class ExtractionWorker:
+    """Holds loaded models (a small LRU cache) and runs units. Used as a Ray actor."""
+
+    def __init__(self, torch_threads: int = 1, max_cached_models: int = 2):
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._max_cached = max_cached_models
+
+    def _adapter(self, model: ModelConfig):
+        key = repr(model)
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        from .models import load_adapter
+
+        device = model.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        adapter = load_adapter(model.family, model.checkpoint, device=device, dtype=model.dtype,
+                               modality=model.modality)
+        self._models[key] = adapter
+        while len(self._models) > self._max_cached:
+            self._models.popitem(last=False)
+        return adapter
+
+    def describe(self, model: ModelConfig) -> dict:
+        """What the driver needs to know about a model: widths, hashes, versions."""
+        from . import models as registry
+
+        adapter = self._adapter(model)
+        info = adapter.info
+        cls = type(adapter)
+        package = cls.__module__.split(".")[-1]
+        family_version = None
+        try:
+            from importlib.metadata import version
+
+            family_version = version(getattr(cls, "package", None) or package)
+        except Exception:
+            pass
+        return {
+            "info": asdict(info) | {"supported_numbers": sorted(info.supported_numbers)
+                                    if info.supported_numbers is not None else None},
+            "code": {
+                "latentray": __version__,
+                "adapter_sha256": _source_sha256(cls),
+                "interface_sha256": _source_sha256(registry.ModelAdapter),
+                "family_package_version": family_version,
+            },
+        }
+
+    def run_unit(self, model: ModelConfig, layers: list[str], shard: StructureShard,
+                 output: str, batch_atoms: int) -> dict:
+        from .models import StructureError
+
+        t0 = time.perf_counter()
+        adapter = self._adapter(model)
+        t_load = time.perf_counter() - t0
+        store = Store(output)
+        n = len(shard)
+        ok = np.zeros(n, dtype=bool)
+        reasons: dict[int, tuple[str, str]] = {}
+        outputs: dict[int, dict[str, np.ndarray]] = {}
+        timings = {"load": t_load, "prepare": 0.0, "forward": 0.0, "write": 0.0}
+
+        def run_batch(batch: list[tuple[int, Any]]) -> None:
+            t = time.perf_counter()
+            try:
+                result = adapter.forward([p for _, p in batch], layers)
+            except Exception as exc:
+                timings["forward"] += time.perf_counter() - t
+                if len(batch) == 1:
+                    reasons[batch[0][0]] = ("forward", f"{type(exc).__name__}: {exc}")
+                    return
+                for item in batch:  # isolate the structure(s) that fail
+                    run_batch([item])
+                return
+            timings["forward"] += time.perf_counter() - t
+            start = 0
+            for i, _ in batch:
+                stop = start + int(shard.n_atoms[i])
+                outputs[i] = {layer: result[layer][start:stop] for layer in layers}
+                start = stop
+            counts = {layer: len(result[layer]) for layer in layers}
+            if any(c != start for c in counts.values()):
+                raise RuntimeError(f"{model.id}: forward returned {counts} rows for {start} atoms")
+
+        batch: list[tuple[int, Any]] = []
+        batch_size = 0
+        for i in range(n):
+            t = time.perf_counter()
+            try:
+                prepared = adapter.prepare(shard.atoms(i))
+            except StructureError as exc:
+                reasons[i] = ("prepare", str(exc))
+                continue
+            except Exception as exc:  # an unexpected failure is still only this structure's
+                reasons[i] = ("prepare", f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                timings["prepare"] += time.perf_counter() - t
+            batch.append((i, prepared))
+            batch_size += int(shard.n_atoms[i])
+            if batch_size >= batch_atoms:
+                run_batch(batch)
+                batch, batch_size = [], 0
+        if batch:
+            run_batch(batch)
+
+        t = time.perf_counter()
+        done = np.array(sorted(outputs), dtype=np.int64)
+        ok[done] = True
+        offsets = shard.offsets
+        atom_rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in done]) \
+            if len(done) else np.zeros(0, np.int64)
+        widths = adapter.info.layer_widths
+        files = {}
+        for layer in layers:
+            features = (np.concatenate([outputs[i][layer] for i in done]) if len(done)
+                        else np.zeros((0, widths[layer]), np.float32))
+            table = latent_table(shard.structure_id[done], shard.structure_index[done],
+                                 shard.n_atoms[done], shard.numbers[atom_rows], features,
+                                 {"dataset": shard.dataset, "model": model.id, "layer": layer,
+                                  "family": model.family, "checkpoint": model.checkpoint})
+            files[layer] = store.write_table(
+                posixpath.join(store.latents_dir(shard.dataset, model.id, layer),
+                               store.part(shard.shard)), table)
+        failed = np.array(sorted(reasons), dtype=np.int64)
+        failures = pa.table({
+            "structure_id": pa.array(shard.structure_id[failed].tolist(), pa.string()),
+            "structure_index": pa.array(shard.structure_index[failed], pa.int64()),
+            "n_atoms": pa.array(shard.n_atoms[failed], pa.int64()),
+            "stage": pa.array([reasons[i][0] for i in failed], pa.string()),
+            "reason": pa.array([reasons[i][1] for i in failed], pa.string()),
+        }, schema=FAILURE_SCHEMA)
+        files["failures"] = store.write_table(
+            posixpath.join(store.failures_dir(shard.dataset, model.id), store.part(shard.shard)),
+            failures)
+        timings["write"] = time.perf_counter() - t
+        if int(ok.sum()) + len(failed) != n:
+            raise RuntimeError(f"{model.id}: {n} structures in, {int(ok.sum())} out + "
+                               f"{len(failed)} failed")
+        return {
+            "structures": n,
+            "processed": int(ok.sum()),
+            "failed": len(failed),
+            "atoms": int(shard.n_atoms[done].sum()),
+            "files": files,
+            "seconds": timings,
+            "failure_examples": [f"{shard.structure_id[i]}: {reasons[i][1]}" for i in failed[:3]],
+        }
+
+
+def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,
+                layers: list[str], description: dict) -> dict:
+    """Everything a unit's output depends on; a re-run skips units whose inputs match."""
+    info = description["info"]
+    return {
+        "dataset": dataset,
+        "shard": shard,
+        "shard_sha256": shard_hash,
+        "model": model.id,
+        "family": model.family,
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": info["checkpoint_sha256"],
+        "modality": model.modality,
+        "dtype": model.dtype,
+        "layers": list(layers),
+        "code": description["code"],
+    }

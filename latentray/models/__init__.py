@@ -1,0 +1,51 @@
+"""Model families behind one interface (:class:`~latentray.models.base.ModelAdapter`).
+
+Families are found by name: the built-in ones below, and any third-party package that
+registers an adapter class under the ``latentray.models`` entry-point group. Nothing here
+imports a model package; the family's module is imported on first use, inside the
+extraction actor.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from .base import ModelAdapter, ModelInfo, StructureError, resolve_layers
+
+BUILTIN_FAMILIES = {
+    "chgnet": "latentray.models.chgnet:CHGNetAdapter",
+    "sevenn": "latentray.models.sevenn:SevenNetAdapter",
+}
+
+
+def available_families() -> dict[str, str]:
+    """Family name -> ``module:Class`` for built-in and entry-point families."""
+    families = dict(BUILTIN_FAMILIES)
+    for ep in entry_points(group="latentray.models"):
+        families.setdefault(ep.name, ep.value)
+    return families
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    families = available_families()
+    if family not in families:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(families)}")
+    module_name, _, class_name = families[family].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_adapter(family: str, checkpoint: str, **options) -> ModelAdapter:
+    """Instantiate the adapter of ``family`` for ``checkpoint`` (imports the family)."""
+    return adapter_class(family)(checkpoint, **options)
+
+
+__all__ = [
+    "ModelAdapter",
+    "ModelInfo",
+    "StructureError",
+    "adapter_class",
+    "available_families",
+    "load_adapter",
+    "resolve_layers",
+]

@@ -1,0 +1,255 @@
+"""The job: datasets -> latents (Ray actors) -> cumulants and fits -> report.
+
+The driver reads the datasets into shards, puts them in Ray's object store, asks the
+actors to describe each model, skips every (shard, model) unit whose manifest entry
+matches its inputs, runs the rest, then runs the analysis and writes the report. It
+never imports a model package.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .config import Config, config_to_dict
+from .datasets import iter_shards
+from .extract import ExtractionWorker, unit_inputs
+from .models.base import resolve_layers
+from .store import Store
+
+
+@dataclass
+class StageLog:
+    """Progress lines on stdout and the time spent per stage."""
+
+    quiet: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    _start: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, stage: str, message: str) -> None:
+        if not self.quiet:
+            elapsed = time.perf_counter() - self._start
+            print(f"[{elapsed:7.1f}s] {stage:<8} {message}", flush=True)
+
+    def timed(self, stage: str):
+        log = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                log.seconds[stage] = log.seconds.get(stage, 0.0) + time.perf_counter() - self.t
+
+        return _Timer()
+
+
+def _ray_init(address: str | None, log: StageLog):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+        log("ray", f"connected to the cluster at {address}")
+    else:
+        # connects to a running cluster (RAY_ADDRESS, or `ray start` on this node) if any,
+        # otherwise starts a local one
+        ray.init(**kwargs)
+        res = ray.cluster_resources()
+        log("ray", f"cluster: {int(res.get('CPU', 0))} CPU, {int(res.get('GPU', 0))} GPU, "
+                   f"{len(ray.nodes())} node(s)")
+    return ray
+
+
+def _n_actors(config: Config, ray, pending: int) -> int:
+    e = config.extraction
+    if e.actors:
+        n = e.actors
+    else:
+        res = ray.cluster_resources()
+        n = int(res.get("GPU", 0) // e.gpus_per_actor) if e.gpus_per_actor else \
+            int(res.get("CPU", 1) // e.cpus_per_actor)
+    return max(1, min(n, max(pending, 1)))
+
+
+def run_extraction(config: Config, store: Store, ray, log: StageLog,
+                   limit: int | None = None) -> dict:
+    """Read datasets, run every pending (shard, model) unit; return the extraction summary."""
+    e = config.extraction
+    shards = []  # (dataset, shard number, hash, object ref, n structures, n atoms)
+    with log.timed("read"):
+        for d in config.datasets:
+            n_structures = n_atoms = 0
+            for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size, limit):
+                table = pa.table({
+                    "structure_id": pa.array(shard.structure_id.tolist(), pa.string()),
+                    "structure_index": shard.structure_index,
+                    "n_atoms": shard.n_atoms,
+                    "subset": pa.array(shard.subset.tolist(), pa.string()),
+                    "energy": shard.energy,
+                })
+                shard_hash = shard.content_hash()
+                path = store.structures_path(d.name, shard.shard)
+                # rewrite only when the content changed (keeps re-runs cheap)
+                if store.parquet_metadata(path).get("latentray.shard_sha256") != shard_hash:
+                    store.write_table(path, table.replace_schema_metadata(
+                        {"latentray.shard_sha256": shard_hash}))
+                shards.append((d.name, shard.shard, shard_hash, ray.put(shard), len(shard),
+                               int(shard.n_atoms.sum())))
+                n_structures += len(shard)
+                n_atoms += int(shard.n_atoms.sum())
+            log("read", f"{d.name}: {n_structures} structures, {n_atoms} atoms, "
+                        f"{sum(1 for s in shards if s[0] == d.name)} shard(s) of {e.shard_size}")
+
+    worker_cls = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor,
+                            max_restarts=2, max_task_retries=2)(ExtractionWorker)
+    n_units = len(shards) * len(config.models)
+    actors = [worker_cls.remote(torch_threads=e.cpus_per_actor)
+              for _ in range(_n_actors(config, ray, n_units))]
+
+    with log.timed("describe"):
+        descriptions = dict(zip(
+            [m.id for m in config.models],
+            ray.get([actors[i % len(actors)].describe.remote(m)
+                     for i, m in enumerate(config.models)])))
+    layers = {m.id: resolve_layers(m.layers, list(descriptions[m.id]["info"]["layer_widths"]))
+              for m in config.models}
+    for m in config.models:
+        widths = descriptions[m.id]["info"]["layer_widths"]
+        log("models", f"{m.id}: {m.family} {m.checkpoint}"
+                      f"{' (' + m.modality + ')' if m.modality else ''}, layers "
+                      + ", ".join(f"{name}[{widths[name]}]" for name in layers[m.id]))
+
+    # plan: model-major, so that each actor keeps loading the same model
+    todo, skipped = [], 0
+    for m in config.models:
+        for dataset, number, shard_hash, ref, n_s, n_a in shards:
+            inputs = unit_inputs(shard_hash, dataset, number, m, layers[m.id], descriptions[m.id])
+            entry = store.read_json(store.manifest_path(dataset, m.id, number))
+            if entry is not None and entry.get("inputs") == inputs and all(
+                    store.exists(p) for p in entry["outputs"]["files"].values()):
+                skipped += 1
+                continue
+            todo.append((m, dataset, number, ref, inputs))
+    log("extract", f"{n_units} unit(s): {skipped} already done (manifest matches), "
+                   f"{len(todo)} to run on {len(actors)} actor(s)")
+
+    totals = {"units": n_units, "skipped": skipped, "ran": 0, "structures": 0, "atoms": 0,
+              "failed": 0}
+    with log.timed("extract"):
+        queue = list(todo)
+        running = {}
+        idle = list(actors)
+        t_start = time.perf_counter()
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                m, dataset, number, ref, inputs = unit = queue.pop(0)
+                future = actor.run_unit.remote(m, layers[m.id], ref, store.uri, e.batch_atoms)
+                running[future] = (actor, unit)
+            done, _ = ray.wait(list(running), num_returns=1)
+            for future in done:
+                actor, (m, dataset, number, ref, inputs) = running.pop(future)
+                idle.append(actor)
+                result = ray.get(future)
+                rel = {k: v for k, v in result["files"].items()}
+                store.write_json(store.manifest_path(dataset, m.id, number), {
+                    "inputs": inputs,
+                    "outputs": {"files": rel, "structures": result["structures"],
+                                "processed": result["processed"], "failed": result["failed"],
+                                "atoms": result["atoms"]},
+                    "seconds": result["seconds"],
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                })
+                totals["ran"] += 1
+                for key in ("structures", "atoms", "failed"):
+                    totals[key] += result[key]
+                s = result["seconds"]
+                rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
+                log("extract", f"[{totals['ran']}/{len(todo)}] {m.id} {dataset} shard {number}: "
+                               f"{result['processed']}/{result['structures']} structures, "
+                               f"{result['atoms']} atoms, {result['failed']} failed, "
+                               f"{rate:.0f} atoms/s")
+                for example in result["failure_examples"]:
+                    log("extract", f"    failed: {example}")
+        if todo:
+            wall = time.perf_counter() - t_start
+            log("extract", f"ran {len(todo)} unit(s) in {wall:.1f} s: "
+                           f"{totals['atoms'] / wall:.0f} atoms/s over all actors")
+        else:
+            log("extract", "nothing to extract: every unit is already done")
+    for actor in actors:
+        ray.kill(actor)
+    return {"descriptions": descriptions, "layers": layers, "totals": totals,
+            "datasets": {d.name: {"structures": sum(s[4] for s in shards if s[0] == d.name),
+                                  "atoms": sum(s[5] for s in shards if s[0] == d.name)}
+                         for d in config.datasets}}
+
+
+def run(config: Config, *, limit: int | None = None, address: str | None = None,
+        quiet: bool = False) -> dict:
+    """Run the whole job; return a summary (also written to ``OUTPUT/run.json``)."""
+    from .analysis import run_analysis
+    from .report import write_report
+
+    log = StageLog(quiet=quiet)
+    store = Store(config.output)
+    log("start", f"latentray {__version__}: config {config.source}, output {store.uri}"
+                 + (f", first {limit} structures of each dataset" if limit else ""))
+    ray = _ray_init(address, log)
+    extraction = run_extraction(config, store, ray, log, limit=limit)
+    with log.timed("analyse"):
+        results, analysis_info = run_analysis(config, store, extraction, log)
+    with log.timed("report"):
+        report_path = write_report(config, store, results, extraction, analysis_info,
+                                   provenance(config, extraction, limit), log)
+    summary = {
+        "provenance": provenance(config, extraction, limit),
+        "extraction": extraction["totals"],
+        "analysis": analysis_info,
+        "seconds": log.seconds,
+        "report": report_path,
+    }
+    store.write_json(store.path("run.json"), summary)
+    t = extraction["totals"]
+    n_s = sum(d["structures"] for d in extraction["datasets"].values())
+    n_a = sum(d["atoms"] for d in extraction["datasets"].values())
+    log("done", f"{n_s} structures, {n_a} atoms, {len(config.models)} models; units: "
+                f"{t['ran']} ran, {t['skipped']} skipped; {t['failed']} structure failures "
+                f"in the units run")
+    log("done", "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in log.seconds.items()))
+    log("done", f"report: {report_path}")
+    return summary
+
+
+def provenance(config: Config, extraction: dict, limit: int | None) -> dict:
+    """What produced these numbers: versions, models with checkpoint hashes, data counts."""
+    import ray
+
+    versions = {"latentray": __version__, "python": sys.version.split()[0],
+                "numpy": np.__version__, "pyarrow": pa.__version__, "ray": ray.__version__,
+                "platform": platform.platform()}
+    models = []
+    for m in config.models:
+        d = extraction["descriptions"][m.id]
+        models.append({"id": m.id, "family": m.family, "checkpoint": m.checkpoint,
+                       "modality": m.modality, "dtype": m.dtype,
+                       "checkpoint_sha256": d["info"]["checkpoint_sha256"],
+                       "checkpoint_file": os.path.basename(d["info"]["checkpoint_file"]),
+                       "family_package_version": d["code"]["family_package_version"],
+                       "layers": {k: d["info"]["layer_widths"][k]
+                                  for k in extraction["layers"][m.id]}})
+    return {"config": config_to_dict(config), "config_source": config.source, "limit": limit,
+            "versions": versions, "models": models, "datasets": extraction["datasets"],
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

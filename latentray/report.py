@@ -1,0 +1,135 @@
+"""Report stage: heatmaps (PNG, values in the cells) and a static ``report.html``."""
+
+from __future__ import annotations
+
+import html
+import io
+
+import numpy as np
+import pandas as pd
+
+from .config import Config
+from .store import Store
+
+METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD"}
+
+
+def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
+    """A source x target heatmap with the value written in every cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(1.3 + 0.85 * n, 1.0 + 0.75 * n), dpi=110)
+    values = matrix.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    vmax = float(finite.max()) if finite.size else 1.0
+    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax)
+    ax.set_xticks(range(n), matrix.columns, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), matrix.index, fontsize=8)
+    ax.set_xlabel("target B (reconstructed)")
+    ax.set_ylabel("source A (features used)")
+    for i in range(n):
+        for j in range(n):
+            v = values[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 * vmax else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, classes="t", na_rep="", float_format="%.4f")
+
+
+def write_report(config: Config, store: Store, results: pd.DataFrame, extraction: dict,
+                 analysis_info: dict, provenance: dict, log) -> str:
+    """Write figures/*.png and report.html; return the report's path."""
+    models = [m.id for m in config.models]
+    figures = []
+    keys = ["dataset", "metric", "level", "layers", "order"]
+    for (dataset, metric, level, layers, order), sub in results.groupby(keys, dropna=False,
+                                                                       sort=False):
+        present = [m for m in models if m in set(sub.source) | set(sub.target)]
+        matrix = sub.pivot(index="source", columns="target", values="value").reindex(
+            index=present, columns=present)
+        order_text = f", cumulant order {order}" if pd.notna(order) else ""
+        title = (f"{METRIC_NAMES.get(metric, metric)}(A -> B), {level} level, layer {layers}"
+                 f"{order_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}")
+        name = f"{dataset}_{metric}_{level}_{layers}" + (f"_order{order}" if pd.notna(order) else "")
+        store.write_bytes(store.path("figures", f"{name}.png"), heatmap_png(matrix, title))
+        figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
+
+    failures = []
+    for d in config.datasets:
+        for m in models:
+            table = store.read_table(store.failures_dir(d.name, m))
+            if table is not None and table.num_rows:
+                df = table.to_pandas()
+                for reason, count in df.groupby("reason").size().items():
+                    failures.append({"dataset": d.name, "model": m, "structures": count,
+                                     "reason": reason})
+    failures = pd.DataFrame(failures, columns=["dataset", "model", "structures", "reason"])
+
+    prov_models = pd.DataFrame([{
+        "model": p["id"], "family": p["family"], "checkpoint": p["checkpoint"]
+        + (f" ({p['modality']})" if p["modality"] else ""),
+        "package": p["family_package_version"], "layers": ", ".join(
+            f"{k}[{v}]" for k, v in p["layers"].items()),
+        "checkpoint sha256": p["checkpoint_sha256"][:16] + "…"} for p in provenance["models"]])
+    datasets = pd.DataFrame([{"dataset": k, **v} for k, v in provenance["datasets"].items()])
+    versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
+    figures_html = "\n".join(
+        f'<figure><img src="{src}" alt="{html.escape(caption)}"><figcaption>'
+        f"{html.escape(caption)}</figcaption></figure>" for src, caption in figures)
+    shown = results.copy()
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>latentray report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table.t {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }}
+table.t td, table.t th {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }}
+figcaption {{ font-size: 12px; color: #555; max-width: 520px; }}
+img {{ max-width: 560px; }}
+.note {{ color: #555; font-size: 14px; }}
+</style></head><body>
+<h1>latentray report</h1>
+<p class="note">Config <code>{html.escape(provenance['config_source'])}</code>,
+finished {provenance['finished']}{f", first {provenance['limit']} structures of each dataset" if provenance['limit'] else ''}.
+{html.escape(versions)}</p>
+<h2>Models</h2>{_table_html(prov_models)}
+<h2>Data</h2>{_table_html(datasets)}
+<h2>How to read this</h2>
+<p class="note">GFRE(A -> B) is the test-set root-mean-square error of the best linear map
+from the features of model A to those of model B, both centred and scaled to unit total
+variance on the training rows: 0 means B is a linear function of A, values near 1 mean A
+explains almost nothing of B. LFRE is the same with a separate linear map fitted around
+each test point on its nearest training neighbours (local, non-linear reconstruction).
+Rows read source A, columns target B; asymmetry (A -> B small, B -> A large) means A holds
+more information than B. Atom level: {config.analyses.n_test} test atoms stratified by
+subset, seed {config.analyses.seed}; structure level: cumulant features of order
+{config.analyses.order}.</p>
+<h2>Figures</h2>
+{figures_html}
+<h2>Structures left out</h2>
+<p class="note">Each comparison uses the structures that both models processed; the rest are
+listed here per model with the reason (from <code>failures/</code>).</p>
+{_table_html(failures) if len(failures) else '<p class="note">None: every model processed every structure.</p>'}
+<h2>All numbers</h2>
+<p class="note">Also in <code>results/reconstruction.csv</code> and <code>.parquet</code>.</p>
+{_table_html(shown)}
+</body></html>
+"""
+    path = store.path("report.html")
+    store.write_bytes(path, page.encode())
+    log("report", f"{len(figures)} figure(s), report at {path}")
+    return path

@@ -1,0 +1,57 @@
+"""The config refuses what it cannot run, naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentray.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo() -> dict:
+    return yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
+
+
+def test_demo_config_is_valid():
+    config = load_config(ROOT / "jobs/configs/demo.yaml")
+    assert [m.id for m in config.models][:2] == ["chgnet-0.3.0", "chgnet-0.2.0"]
+    assert len(config.models) == 7
+    assert config.datasets[0].path == "builtin:mad-val-1000"
+    assert config.analyses.order == 2 and config.analyses.n_test == 1000
+    assert config.models[6].modality == "PBE"
+
+
+def test_output_override(tmp_path):
+    config = load_config(ROOT / "jobs/configs/demo.yaml", output=str(tmp_path))
+    assert config.output == str(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(colour="red"), "unknown top-level key(s) ['colour']"),
+    (lambda c: c["models"][0].update(layer=["bb"]), "models[0]: unknown key(s) ['layer']"),
+    (lambda c: c["datasets"][0].update(format="cif"), "datasets[0].format: 'cif' is not supported"),
+    (lambda c: c["analyses"].update(order=9), "analyses.order: an integer from 1 to 8"),
+    (lambda c: c["analyses"].update(metrics=["gfre", "mse"]), "analyses.metrics: unknown ['mse']"),
+    (lambda c: c["analyses"].update(layers=["top"]), "analyses.layers: 'top'"),
+    (lambda c: c["extraction"].update(batch_atoms=0), "extraction.batch_atoms: must be a positive"),
+    (lambda c: c["models"][0].update(dtype="float16"), "dtype: float32 or float64"),
+    (lambda c: c["models"][1].update(id="chgnet-0.3.0"), "model ids repeat"),
+    (lambda c: c.pop("models"), "missing top-level key 'models'"),
+    (lambda c: c["models"][0].pop("family"), "models[0]: missing key(s) ['family']"),
+])
+def test_bad_configs_are_refused_with_the_key_named(edit, message):
+    raw = demo()
+    edit(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, source="demo.yaml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("demo.yaml")
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("output: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
