@@ -1,0 +1,573 @@
+"""Feature reconstruction measures: GFRE, GFRD and LFRE (Goscinski et al., 2021).
+
+In-memory versions that give the numbers of ``skmatter.metrics`` (scikit-matter 0.4.1) with the
+same names, signatures and defaults, to about 1e-8 for float64 input, but compute the default fit
+from R factors instead of one regression per regularisation strength. Notation: ``X`` (source,
+``n x dx``) reconstructs ``Y`` (target, ``n x dy``); ``train``/``test`` are row indices.
+
+Default recipe (what skmatter does when ``scaler`` and ``estimator`` are ``None``):
+
+* **split**: if both ``train_idx`` and ``test_idx`` are ``None``, a 50/50 random split,
+  ``sklearn.model_selection.train_test_split(arange(n), test_size=0.5, train_size=0.5,
+  random_state=0x5F3759DF, shuffle=True)`` (train rows in that shuffled order); if only one is
+  given, the other is its sorted complement. The *order* of ``train_idx`` matters: it sets the
+  cross-validation folds below.
+* **scale** (skmatter's ``StandardFlexibleScaler``, ``column_wise=False``), fitted on the train
+  rows of ``X`` and of ``Y`` separately: ``x -> (x - mean_train) / sqrt(sum_j var_train_j)``
+  (population variances); a matrix whose summed variance is below 1e-12 is refused.
+* **fit** (skmatter's ``Ridge2FoldCV(alphas=geomspace(1e-9, 0.9, 20), alpha_type="relative",
+  regularization_method="cutoff", random_state=0x5F3759DF, shuffle=True,
+  scoring="neg_root_mean_squared_error")``), no intercept: the train rows are cut into two folds
+  by ``KFold(2, shuffle=True, random_state=0x5F3759DF)``; for each fold ``f`` with SVD
+  ``X_f = U S V^T``, ``W_f(a) = V_k S_k^-1 U_k^T Y_f`` keeps the ``k`` singular values with
+  ``s > a * s_max`` (``s_max``: the larger top singular value of the two folds) and
+  ``s > max(n_train, dx) * eps``; the score of ``a`` is the mean over the two directions of
+  ``-mean_j sqrt(mean_i (Y_g - X_g W_f(a))_ij^2)`` (per-column RMSE averaged over columns); the
+  first best ``a`` wins and the final ``W`` is the same cutoff pseudo-inverse of all train rows
+  with ``s > a * s_max`` (skmatter's final fit has no ``eps`` guard: ``len(s > rcond)``).
+
+How it is computed here: each fold is reduced to the R factor of the augmented matrix
+``[X_f | Y_f] = Q [R_x | R_y]`` (a Householder QR, in row chunks: a tall-skinny QR whose partial
+factors merge by stacking and re-factorising). Everything the fit needs follows from the R
+factors: ``X_f = (Q U) S V^T`` with ``R_x = U S V^T``; ``U_X^T Y_f = U^T R_y``; and the residual
+of a weight ``W`` on fold ``g`` has column norms ``||R_y,g - R_x,g W||``. So the whole alpha grid
+costs one small SVD per fold, the two folds' R factors merge into the factor of all train rows,
+and a distributed version only has to ship ``(dx + dy)^2`` numbers per shard.
+
+Measures (``x_i``, ``y_i``: scaled test rows; ``W``: the fit above):
+
+* GFRE: ``sqrt(mean_i ||y_i - x_i W||^2)``; pointwise: ``||y_i - x_i W||``.
+* GFRD: ``Q`` solves the orthogonal Procrustes problem between the train rows of ``X`` and of
+  ``X W``, both zero-padded to ``m = max(dx, dy)`` columns (``Q = U V^T`` from the SVD of
+  ``X_pad^T (X W)_pad``); pointwise: ``||pad(x_i W) - pad(x_i) Q||``; GFRD: their RMS.
+* LFRE: for each test row, its ``k`` nearest train rows in scaled ``X`` (Euclidean), centred on
+  their means ``xbar, ybar``; the same 2-fold cutoff fit ``W_i`` on those ``k`` rows; pointwise
+  ``||y_i - ybar - (x_i - xbar) W_i||``; LFRE: their RMS.
+
+Departures from skmatter, on purpose:
+
+* the default path always computes in float64 (skmatter keeps float32 input in float32, with a
+  float32 ``eps`` in its cutoff guard);
+* GFRD pads *both* sides to the larger width, so it works for any ``dx, dy``; skmatter pads only
+  ``X W`` against ``X`` and raises when ``dy < dx`` (or, for ``dy == 1``, silently broadcasts).
+  Where skmatter works (``dy >= dx``) the two agree; for ``dy < dx`` latentray's value equals
+  skmatter's on ``Y`` padded with ``dx - dy`` zero columns;
+* LFRE's neighbours: distances are skmatter's own expression ``|a|^2 + |b|^2 - 2 a.b``, but the
+  ``k`` nearest are found with a partial sort and *exactly* tied distances are ordered by train
+  position (skmatter: numpy's unstable ``argsort``), which can matter only for duplicated
+  train rows of ``X`` with different ``Y``;
+* LFRE's ``n_jobs``: threads over batches of test rows on the default path (BLAS held to one
+  thread meanwhile), joblib over test rows with a user ``estimator``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from sklearn.model_selection import KFold, train_test_split
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "DEFAULT_RANDOM_STATE",
+    "cutoff_ridge_2fold_cv",
+    "global_reconstruction_distortion",
+    "global_reconstruction_error",
+    "local_reconstruction_error",
+    "merge_r_factors",
+    "pointwise_global_reconstruction_distortion",
+    "pointwise_global_reconstruction_error",
+    "pointwise_local_reconstruction_error",
+]
+
+#: skmatter's default grid of relative cutoffs.
+DEFAULT_ALPHAS = np.geomspace(1e-9, 0.9, 20)
+DEFAULT_ALPHAS.setflags(write=False)
+#: skmatter's default seed, for the 50/50 split and for the 2-fold CV.
+DEFAULT_RANDOM_STATE = 0x5F3759DF
+#: skmatter's StandardFlexibleScaler refuses a matrix whose summed variance is below this.
+_ZERO_VARIANCE_ATOL = 1e-12
+#: Rows per block of the tall-skinny QR (bounds the working memory of the default fit).
+_QR_BLOCK_ROWS = 16384
+#: Bound on the number of float64 elements in one block of a batched or chunked computation.
+_BLOCK_ELEMENTS = 1 << 23
+
+_EPS = np.finfo(np.float64).eps
+
+
+# --------------------------------------------------------------------------------------------
+# inputs, split, scaling
+
+
+def _as_matrix(a, name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (samples x features), got shape {arr.shape}")
+    return arr
+
+
+def _finite_float64(a: np.ndarray, name: str) -> np.ndarray:
+    out = np.asarray(a, dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return out
+
+
+def _resolve_indices(n: int, train_idx, test_idx) -> tuple[np.ndarray, np.ndarray]:
+    """skmatter's rules: both None -> its 50/50 split; one None -> the complement of the other."""
+    if train_idx is None and test_idx is None:
+        train_idx, test_idx = train_test_split(
+            np.arange(n),
+            test_size=0.5,
+            train_size=0.5,
+            random_state=DEFAULT_RANDOM_STATE,
+            shuffle=True,
+        )
+    elif train_idx is None:
+        train_idx = np.setdiff1d(np.arange(n), test_idx)
+    elif test_idx is None:
+        test_idx = np.setdiff1d(np.arange(n), train_idx)
+    return np.asarray(train_idx), np.asarray(test_idx)
+
+
+def _flexible_scale(train: np.ndarray, test: np.ndarray, name: str):
+    """Centre on the train means, divide by sqrt(sum of train column variances)."""
+    if train.shape[0] < 2:
+        raise ValueError(f"{name}: at least 2 training rows are needed to scale")
+    mean = train.mean(axis=0)
+    var_sum = float(np.mean((train - mean) ** 2, axis=0).sum())
+    if var_sum < _ZERO_VARIANCE_ATOL:
+        raise ValueError(f"{name}: cannot normalize a matrix with zero variance")
+    scale = np.sqrt(var_sum)
+    return (train - mean) / scale, (test - mean) / scale
+
+
+def _check_pair(X, Y):
+    X = _as_matrix(X, "X")
+    Y = _as_matrix(Y, "Y")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"First dimension of X ({X.shape[0]}) and Y ({Y.shape[0]}) must match")
+    return X, Y
+
+
+def _prepare(X, Y, train_idx, test_idx, scaler):
+    """Split and scale: returns float64 (X_train, X_test, Y_train, Y_test)."""
+    X, Y = _check_pair(X, Y)
+    train_idx, test_idx = _resolve_indices(X.shape[0], train_idx, test_idx)
+    X_train, X_test = X[train_idx], X[test_idx]
+    Y_train, Y_test = Y[train_idx], Y[test_idx]
+    if scaler is None:
+        X_train, X_test = _flexible_scale(
+            _finite_float64(X_train, "X"), _finite_float64(X_test, "X"), "X"
+        )
+        Y_train, Y_test = _flexible_scale(
+            _finite_float64(Y_train, "Y"), _finite_float64(Y_test, "Y"), "Y"
+        )
+    else:  # as skmatter: one scaler object, refitted for Y
+        scaler.fit(X_train)
+        X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
+        scaler.fit(Y_train)
+        Y_train, Y_test = scaler.transform(Y_train), scaler.transform(Y_test)
+        X_train, X_test, Y_train, Y_test = (
+            np.asarray(a, dtype=np.float64) for a in (X_train, X_test, Y_train, Y_test)
+        )
+    return X_train, X_test, Y_train, Y_test
+
+
+# --------------------------------------------------------------------------------------------
+# R factors (tall-skinny QR)
+
+
+def _r_factor(a: np.ndarray) -> np.ndarray:
+    """A factor ``R`` with ``a = Q R``, ``Q`` with orthonormal columns, at most ``p`` rows.
+
+    ``(..., rows, p)`` -> ``(..., min(rows, p), p)``: the R of a Householder QR when ``a`` is
+    taller than wide, else ``a`` itself (``Q = I``; nothing to compress).
+    """
+    if a.shape[-2] <= a.shape[-1]:
+        return a
+    return np.linalg.qr(a, mode="r")
+
+
+def merge_r_factors(factors: Iterable[np.ndarray]) -> np.ndarray:
+    """R factor of the row-stack of matrices, from their R factors: ``R = qr([R_1; R_2; ...])``.
+
+    ``R^T R`` equals the stacked matrix's Gram matrix and ``R`` keeps its singular values and
+    vectors, without squaring the condition number as the Gram matrix would.
+    """
+    factors = [f for f in factors if f.shape[-2] > 0]
+    if len(factors) == 1:
+        return factors[0]
+    return _r_factor(np.concatenate(factors, axis=-2))
+
+
+def _augmented_r(X: np.ndarray, Y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """R factor of ``[X[rows] | Y[rows]]``, built block by block (bounded memory)."""
+    p = X.shape[1] + Y.shape[1]
+    block = max(p, min(_QR_BLOCK_ROWS, _BLOCK_ELEMENTS // max(p, 1)))
+    R = None
+    for start in range(0, len(rows), block):
+        sel = rows[start : start + block]
+        a = np.concatenate([X[sel], Y[sel]], axis=1)
+        R = _r_factor(a if R is None else np.concatenate([R, a], axis=0))
+    if R is None:
+        R = np.zeros((0, p))
+    return R
+
+
+# --------------------------------------------------------------------------------------------
+# the cutoff ridge with 2-fold cross-validation, from R factors (batched over a leading axis)
+
+
+@dataclass
+class _FactorSVD:
+    """``R_x = U diag(s) Vt`` and ``D = U^T R_y / s`` (zero where s == 0)."""
+
+    s: np.ndarray  # (B, m)
+    Vt: np.ndarray  # (B, m, dx)
+    D: np.ndarray  # (B, m, dy)
+
+    @classmethod
+    def of(cls, R: np.ndarray, n_x: int) -> "_FactorSVD":
+        U, s, Vt = np.linalg.svd(R[..., :n_x], full_matrices=False)
+        UtY = np.swapaxes(U, -1, -2) @ R[..., n_x:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            D = np.where(s[..., None] > 0, UtY / s[..., None], 0.0)
+        return cls(s=s, Vt=Vt, D=D)
+
+    def weights(self, n_kept: np.ndarray) -> np.ndarray:
+        """``W = V_k S_k^-1 U_k^T Y`` with the first ``n_kept[b]`` singular values, (B, dx, dy)."""
+        mask = np.arange(self.s.shape[-1])[None, :] < np.asarray(n_kept)[:, None]
+        return np.swapaxes(self.Vt, -1, -2) @ (self.D * mask[..., None])
+
+
+def _fold_scores(fit: _FactorSVD, R_other: np.ndarray, n_x: int, n_rows_other: int,
+                 rcond: float, scaled_alphas: np.ndarray) -> np.ndarray:
+    """Negative mean per-column RMSE on the other fold, for every alpha: (B, n_alphas)."""
+    s = fit.s
+    n_guard = np.sum(s > rcond, axis=-1)  # (B,)
+    n_kept = np.minimum(
+        n_guard[:, None], np.sum(s[:, None, :] > scaled_alphas[:, :, None], axis=-1)
+    )  # (B, A)
+    C = R_other[..., :n_x] @ np.swapaxes(fit.Vt, -1, -2)  # (B, r, m): X_other V in R space
+    Ry = R_other[..., n_x:]
+    comp = np.arange(s.shape[-1])
+    scores = np.empty(n_kept.shape)
+    cache: dict[bytes, np.ndarray] = {}
+    for a in range(n_kept.shape[1]):
+        key = n_kept[:, a].tobytes()
+        if key not in cache:  # alphas that keep the same components score the same, exactly
+            mask = comp[None, :] < n_kept[:, a][:, None]
+            resid = Ry - C @ (fit.D * mask[..., None])
+            rmse = np.sqrt(np.sum(resid**2, axis=-2) / n_rows_other)  # (B, dy)
+            cache[key] = -rmse.mean(axis=-1)
+        scores[:, a] = cache[key]
+    return scores
+
+
+def _cutoff_cv_from_r(R1: np.ndarray, R2: np.ndarray, n1: int, n2: int, n_x: int,
+                      rcond: float, alphas: np.ndarray):
+    """Relative-cutoff ridge, alpha by 2-fold CV, from the folds' R factors of ``[X | Y]``.
+
+    ``R1``, ``R2``: ``(B, r, dx + dy)`` (a batch of independent problems); ``n1``, ``n2``: rows
+    in each fold. Returns ``W (B, dx, dy)``, the chosen relative alphas ``(B,)``, the CV
+    scores ``(B, n_alphas)`` and the merged R factor of both folds.
+    """
+    alphas = np.asarray(alphas, dtype=np.float64)
+    f1 = _FactorSVD.of(R1, n_x)
+    f2 = _FactorSVD.of(R2, n_x)
+
+    def top(s):
+        return s.max(axis=-1) if s.shape[-1] else np.zeros(s.shape[:-1])
+
+    s_max = np.maximum(top(f1.s), top(f2.s))  # (B,)
+    scaled = alphas[None, :] * s_max[:, None]  # (B, A)
+    score = (
+        _fold_scores(f1, R2, n_x, n2, rcond, scaled) + _fold_scores(f2, R1, n_x, n1, rcond, scaled)
+    ) / 2
+    best = np.argmax(score, axis=1)  # first maximum, as numpy/skmatter
+    best_scaled = scaled[np.arange(len(best)), best]
+    R = merge_r_factors([R1, R2])
+    full = _FactorSVD.of(R, n_x)
+    W = full.weights(np.sum(full.s > best_scaled[:, None], axis=-1))  # no eps guard: skmatter
+    return W, alphas[best], score, R
+
+
+def _two_folds(n: int, random_state, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """skmatter's folds: the first split of ``KFold(2)`` (its train part is fold 1)."""
+    kf = KFold(n_splits=2, shuffle=shuffle, random_state=random_state if shuffle else None)
+    fold1, fold2 = next(kf.split(np.empty((n, 1))))
+    return fold1, fold2
+
+
+@dataclass
+class _LinearFit:
+    W: np.ndarray  # (dx, dy)
+    alpha: float  # chosen relative cutoff
+    R: np.ndarray  # R factor of [X_train | Y_train]
+    n_x: int
+
+
+def _default_fit(X_train: np.ndarray, Y_train: np.ndarray, alphas=DEFAULT_ALPHAS,
+                 random_state=DEFAULT_RANDOM_STATE, shuffle: bool = True) -> _LinearFit:
+    n, n_x = X_train.shape
+    if n < 2:
+        raise ValueError("at least 2 training rows are needed for the 2-fold cross-validation")
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if np.any(alphas < 0) or np.any(alphas >= 1):
+        raise ValueError("relative alphas must lie in [0, 1)")
+    fold1, fold2 = _two_folds(n, random_state, shuffle)
+    R1 = _augmented_r(X_train, Y_train, fold1)
+    R2 = _augmented_r(X_train, Y_train, fold2)
+    rcond = max(n, n_x) * _EPS  # skmatter: max(X.shape) * spacing(1)
+    W, best, _, R = _cutoff_cv_from_r(
+        R1[None], R2[None], len(fold1), len(fold2), n_x, rcond, alphas
+    )
+    return _LinearFit(W=W[0], alpha=float(best[0]), R=R[0], n_x=n_x)
+
+
+def cutoff_ridge_2fold_cv(X_train, Y_train, alphas=DEFAULT_ALPHAS,
+                          random_state=DEFAULT_RANDOM_STATE, shuffle: bool = True):
+    """Weights and chosen alpha of skmatter's default ``Ridge2FoldCV`` (relative cutoff).
+
+    ``W = V_k S_k^-1 U_k^T Y`` (``X_train = U S V^T``, keeping ``s > alpha * s_max``), with
+    ``alpha`` picked from ``alphas`` by 2-fold CV (negative per-column RMSE averaged over
+    columns), folds from ``KFold(2, shuffle, random_state)`` on the rows in the given order.
+    Returns ``(W, alpha)`` with ``W`` of shape ``(dx, dy)``: predictions are ``X @ W``
+    (skmatter's ``coef_`` is ``W.T``).
+    """
+    X_train = _finite_float64(_as_matrix(X_train, "X_train"), "X_train")
+    Y_train = _finite_float64(_as_matrix(Y_train, "Y_train"), "Y_train")
+    if X_train.shape[0] != Y_train.shape[0]:
+        raise ValueError("X_train and Y_train must have the same number of rows")
+    fit = _default_fit(X_train, Y_train, alphas, random_state, shuffle)
+    return fit.W, fit.alpha
+
+
+# --------------------------------------------------------------------------------------------
+# global measures
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.linalg.norm(values) / np.sqrt(len(values)))
+
+
+def pointwise_global_reconstruction_error(X, Y, train_idx=None, test_idx=None, scaler=None,
+                                          estimator=None):
+    r"""Per test row ``||y_i - x_i W||``, ``W`` the linear fit of scaled ``Y`` from scaled ``X``.
+
+    Note the argument order: ``train_idx`` before ``test_idx`` here, as in skmatter (the other
+    functions take ``test_idx`` first).
+    """
+    X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
+    if estimator is None:
+        pred = X_test @ _default_fit(X_train, Y_train).W
+    else:
+        estimator.fit(X_train, Y_train)
+        pred = estimator.predict(X_test)
+    return np.linalg.norm(Y_test - pred, axis=1)
+
+
+def global_reconstruction_error(X, Y, test_idx=None, train_idx=None, scaler=None,
+                                estimator=None):
+    r"""GFRE: ``sqrt(mean_i ||y_i - x_i W||^2)`` over the test rows (see the module docstring)."""
+    return _rms(
+        pointwise_global_reconstruction_error(
+            X, Y, train_idx=train_idx, test_idx=test_idx, scaler=scaler, estimator=estimator
+        )
+    )
+
+
+def _padded_procrustes(M: np.ndarray, n_x: int, n_y: int) -> np.ndarray:
+    """Orthogonal ``Q`` (m x m, ``m = max(dx, dy)``) maximising ``tr(Q^T pad(M))``: ``U V^T``."""
+    m = max(n_x, n_y)
+    Mp = np.zeros((m, m))
+    Mp[:n_x, :n_y] = M
+    U, _, Vt = np.linalg.svd(Mp)
+    return U @ Vt
+
+
+def pointwise_global_reconstruction_distortion(X, Y, test_idx=None, train_idx=None, scaler=None,
+                                               estimator=None):
+    r"""Per test row ``||pad(x_i W) - pad(x_i) Q||``, ``Q`` orthogonal (Procrustes).
+
+    ``Q = argmin ||pad(X_train) Q - pad(X_train W)||_F`` over orthogonal ``m x m`` matrices,
+    ``m = max(dx, dy)``, i.e. ``Q = U V^T`` from the SVD of ``X_train^T X_train W`` padded with
+    zeros to ``m x m``. Works for any widths; skmatter raises for ``dy < dx`` (its value for
+    ``dy >= dx`` is reproduced; for ``dy < dx`` this equals skmatter on ``Y`` padded with zero
+    columns to width ``dx``; for ``dy == 1 < dx`` skmatter silently broadcasts and differs).
+    """
+    X_train, X_test, Y_train, _ = _prepare(X, Y, train_idx, test_idx, scaler)
+    n_x = X_train.shape[1]
+    if estimator is None:
+        fit = _default_fit(X_train, Y_train)
+        pred_test = X_test @ fit.W
+        Rx = fit.R[:, :n_x]
+        M = Rx.T @ (Rx @ fit.W)  # = X_train^T (X_train W)
+    else:
+        estimator.fit(X_train, Y_train)
+        pred_test = np.asarray(estimator.predict(X_test), dtype=np.float64).reshape(
+            len(X_test), -1
+        )
+        pred_train = np.asarray(estimator.predict(X_train), dtype=np.float64).reshape(
+            len(X_train), -1
+        )
+        M = X_train.T @ pred_train
+    n_y = pred_test.shape[1]
+    Q = _padded_procrustes(M, n_x, n_y)
+    diff = -(X_test @ Q[:n_x])  # pad(x_i) Q, m columns
+    diff[:, :n_y] += pred_test
+    return np.linalg.norm(diff, axis=1)
+
+
+def global_reconstruction_distortion(X, Y, test_idx=None, train_idx=None, scaler=None,
+                                     estimator=None):
+    r"""GFRD: RMS over test rows of ``||pad(x_i W) - pad(x_i) Q||`` (``Q`` orthogonal).
+
+    Pads both ``X`` and ``X W`` to the larger width, so any ``dx, dy`` work; equals skmatter
+    where skmatter works (``dy >= dx``); see :func:`pointwise_global_reconstruction_distortion`.
+    """
+    return _rms(
+        pointwise_global_reconstruction_distortion(
+            X, Y, test_idx=test_idx, train_idx=train_idx, scaler=scaler, estimator=estimator
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# local measure
+
+
+def _nearest_train_rows(X_train: np.ndarray, X_query: np.ndarray, k: int) -> np.ndarray:
+    """Indices ``(n_query, k)`` of the ``k`` nearest train rows, nearest first.
+
+    Squared distances are skmatter's expression ``|a|^2 + |b|^2 - 2 a.b`` (one BLAS product per
+    block of queries); ties are ordered by train position.
+    """
+    n_train = X_train.shape[0]
+    k = min(k, n_train)
+    sq_train = np.sum(X_train**2, axis=1)
+    out = np.empty((len(X_query), k), dtype=np.intp)
+    chunk = max(1, _BLOCK_ELEMENTS // max(n_train, 1))
+    for start in range(0, len(X_query), chunk):
+        q = X_query[start : start + chunk]
+        d2 = sq_train + np.sum(q**2, axis=1)[:, None] - 2 * q @ X_train.T
+        if k < n_train:
+            part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+            kth = np.take_along_axis(d2, part, axis=1).max(axis=1)
+        else:
+            kth = np.full(len(q), np.inf)
+        for r in range(len(q)):
+            cand = np.flatnonzero(d2[r] <= kth[r])  # ascending train position
+            order = np.argsort(d2[r, cand], kind="stable")[:k]
+            out[start + r] = cand[order]
+    return out
+
+
+def _local_errors_default(X_train, X_test, Y_train, Y_test, neighbours, n_jobs=None):
+    """Default LFRE fits, batched over test rows; ``n_jobs`` threads over batches.
+
+    The batches are many small SVDs, for which a multi-threaded BLAS only adds contention, so
+    BLAS is held to one thread meanwhile (``threadpoolctl``; process-wide while it runs).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from joblib import effective_n_jobs
+    from threadpoolctl import threadpool_limits
+
+    n_test, k = neighbours.shape
+    n_x = X_train.shape[1]
+    p = n_x + Y_train.shape[1]
+    fold1, fold2 = _two_folds(k, DEFAULT_RANDOM_STATE, True)  # same for every test row
+    rcond = max(k, n_x) * _EPS
+    out = np.empty(n_test)
+    batch = max(1, min(256, _BLOCK_ELEMENTS // (k * p)))
+
+    def run(start: int) -> None:
+        stop = min(start + batch, n_test)
+        idx = neighbours[start:stop]  # (B, k)
+        LX, LY = X_train[idx], Y_train[idx]
+        x_mean, y_mean = LX.mean(axis=1), LY.mean(axis=1)
+        A = np.concatenate([LX - x_mean[:, None], LY - y_mean[:, None]], axis=2)
+        W, _, _, _ = _cutoff_cv_from_r(
+            _r_factor(A[:, fold1]), _r_factor(A[:, fold2]), len(fold1), len(fold2), n_x, rcond,
+            DEFAULT_ALPHAS,
+        )
+        xc = (X_test[start:stop] - x_mean)[:, None, :]  # (B, 1, dx)
+        pred = y_mean + (xc @ W)[:, 0, :]
+        out[start:stop] = np.linalg.norm(Y_test[start:stop] - pred, axis=1)
+
+    starts = range(0, n_test, batch)
+    workers = max(1, min(effective_n_jobs(n_jobs), len(starts)))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            for start in starts:
+                run(start)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(run, starts))
+    return out
+
+
+def _local_error_one(estimator, X_train, Y_train, x, y, idx) -> float:
+    LX, LY = X_train[idx], Y_train[idx]
+    x_mean, y_mean = LX.mean(axis=0), LY.mean(axis=0)
+    estimator.fit(LX - x_mean, LY - y_mean)
+    pred = y_mean + estimator.predict((x - x_mean)[None, :])
+    return float(np.linalg.norm(y[None, :] - pred))
+
+
+def pointwise_local_reconstruction_error(X, Y, n_local_points, test_idx=None, train_idx=None,
+                                         scaler=None, estimator=None, n_jobs=None):
+    r"""Per test row ``||y_i - ybar_i - (x_i - xbar_i) W_i||``.
+
+    ``W_i``: the fit (default: 2-fold cutoff ridge, as the global one) of ``Y - ybar_i`` from
+    ``X - xbar_i`` on the ``n_local_points`` train rows nearest to ``x_i`` in scaled ``X``
+    (Euclidean), ``xbar_i, ybar_i`` their means. If ``n_local_points`` exceeds the number of
+    train rows, all train rows are used (as skmatter). ``n_jobs``: threads over batches of test
+    rows (default estimator) or joblib tasks, one deep copy of the estimator each (user
+    ``estimator``).
+    """
+    X, Y = _check_pair(X, Y)
+    if len(X) < n_local_points:
+        raise ValueError(
+            f"X has {len(X)} samples but n_local_points={n_local_points}. "
+            "Must have at least n_local_points samples"
+        )
+    X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
+    neighbours = _nearest_train_rows(X_train, X_test, int(n_local_points))
+    if estimator is None:
+        return _local_errors_default(X_train, X_test, Y_train, Y_test, neighbours, n_jobs)
+    rows = range(len(X_test))
+    if n_jobs in (None, 1):
+        return np.array(
+            [_local_error_one(estimator, X_train, Y_train, X_test[i], Y_test[i], neighbours[i])
+             for i in rows]
+        )
+    from joblib import Parallel, delayed
+
+    return np.array(
+        Parallel(n_jobs=n_jobs)(
+            delayed(_local_error_one)(
+                copy.deepcopy(estimator), X_train, Y_train, X_test[i], Y_test[i], neighbours[i]
+            )
+            for i in rows
+        )
+    )
+
+
+def local_reconstruction_error(X, Y, n_local_points, test_idx=None, train_idx=None, scaler=None,
+                               estimator=None, n_jobs=None):
+    r"""LFRE: ``sqrt(mean_i ||y_i - ybar_i - (x_i - xbar_i) W_i||^2)`` over the test rows.
+
+    The paper uses ``n_local_points = min(dx, dy)``. See
+    :func:`pointwise_local_reconstruction_error`.
+    """
+    return _rms(
+        pointwise_local_reconstruction_error(
+            X, Y, n_local_points, test_idx=test_idx, train_idx=train_idx, scaler=scaler,
+            estimator=estimator, n_jobs=n_jobs,
+        )
+    )
