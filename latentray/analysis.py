@@ -111,7 +111,8 @@ def _measures(X: np.ndarray, Y: np.ndarray, train: np.ndarray, test: np.ndarray,
     if "gfre" in metrics:
         out["gfre"] = float(global_reconstruction_error(X, Y, test_idx=test, train_idx=train))
     if "lfre" in metrics:
-        k = min(X.shape[1], Y.shape[1])
+        # the paper's choice, capped by the training set on small data
+        k = min(X.shape[1], Y.shape[1], len(train))
         out["lfre"] = float(local_reconstruction_error(X, Y, k, test_idx=test, train_idx=train))
     return out
 

@@ -22,7 +22,7 @@ def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     n = len(matrix)
-    fig, ax = plt.subplots(figsize=(1.3 + 0.85 * n, 1.0 + 0.75 * n), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.8 + 0.85 * n), max(4.5, 1.4 + 0.75 * n)), dpi=110)
     values = matrix.to_numpy(dtype=float)
     finite = values[np.isfinite(values)]
     vmax = float(finite.max()) if finite.size else 1.0

@@ -1,0 +1,196 @@
+"""End to end on real data: latentray run with CHGNet and SevenNet through a local Ray
+cluster, checked against independent references (skmatter, sklearn's split, scipy)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from ase.io import read, write
+from scipy import stats
+from sklearn.model_selection import train_test_split
+
+from latentray.cli import main
+from latentray.config import parse_config
+from latentray.datasets import resolve_paths
+from latentray.store import features_matrix
+
+pytestmark = pytest.mark.slow
+
+# MAD structures 280..399: four of them hold Po or Rn, which SevenNet-0 does not know
+FIRST, LAST = 280, 400
+UNKNOWN_TO_SEVENNET = {291: "Po", 318: "Po", 370: "Po", 394: "Rn"}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from latentray.pipeline import run
+
+    root = tmp_path_factory.mktemp("job")
+    frames = read(resolve_paths("builtin:mad-val-1000")[0], index=f"{FIRST}:{LAST}")
+    for i, atoms in enumerate(frames):
+        atoms.info["id"] = f"mad-{FIRST + i}"
+    write(root / "mad-slice.xyz", frames, format="extxyz")
+    config = parse_config({
+        "output": str(root / "out"),
+        "datasets": [{"name": "slice", "path": str(root / "mad-slice.xyz"), "format": "extxyz",
+                      "subset_key": "subset"}],
+        "models": [
+            {"id": "chgnet-0.3.0", "family": "chgnet", "checkpoint": "0.3.0",
+             "layers": ["bb3", "bb", "ll"]},
+            {"id": "sevennet-0", "family": "sevenn", "checkpoint": "7net-0", "layers": ["bb", "ll"]},
+        ],
+        "extraction": {"shard_size": 50, "batch_atoms": 400},
+        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2},
+    }, source="test")
+    first = run(config, quiet=True)
+    csv_first = (root / "out" / "results" / "reconstruction.csv").read_bytes()
+    second = run(config, quiet=True)
+    yield {"config": config, "out": root / "out", "first": first, "second": second,
+           "frames": frames, "csv_first": csv_first}
+    ray.shutdown()
+
+
+def test_latents_tree_opens_in_one_call_with_pyarrow_and_duckdb(job):
+    out = job["out"]
+    table = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table()
+    counts = table.group_by(["model", "layer"]).aggregate([("structure_id", "count")])
+    counts = {(m, l): n for m, l, n in zip(*(counts[c].to_pylist() for c in
+                                           ["model", "layer", "structure_id_count"]))}
+    n_all = sum(len(a) for a in job["frames"])
+    n_unknown = sum(len(job["frames"][i - FIRST]) for i in UNKNOWN_TO_SEVENNET)
+    assert counts == {("chgnet-0.3.0", "bb3"): n_all, ("chgnet-0.3.0", "bb4"): n_all,
+                      ("chgnet-0.3.0", "ll"): n_all, ("sevennet-0", "bb5"): n_all - n_unknown,
+                      ("sevennet-0", "ll"): n_all - n_unknown}
+    widths = duckdb.sql(
+        f"select model, layer, min(len(features)), max(len(features)) from read_parquet("
+        f"'{out}/latents/**/*.parquet', hive_partitioning=true) group by all order by all"
+    ).fetchall()
+    assert widths == [("chgnet-0.3.0", "bb3", 64, 64), ("chgnet-0.3.0", "bb4", 64, 64),
+                      ("chgnet-0.3.0", "ll", 64, 64), ("sevennet-0", "bb5", 128, 128),
+                      ("sevennet-0", "ll", 64, 64)]
+
+
+def test_every_structure_is_processed_or_a_failure_with_its_reason(job):
+    out = job["out"]
+    failures = ds.dataset(out / "failures", format="parquet", partitioning="hive").to_table()
+    failures = failures.to_pandas().sort_values("structure_index")
+    assert failures["model"].tolist() == ["sevennet-0"] * 4
+    assert failures["structure_index"].tolist() == [i - FIRST for i in UNKNOWN_TO_SEVENNET]
+    assert failures["structure_id"].tolist() == [f"slice:mad-{i}" for i in UNKNOWN_TO_SEVENNET]
+    for reason, element in zip(failures["reason"], UNKNOWN_TO_SEVENNET.values()):
+        assert element in reason
+    latents = ds.dataset(out / "latents", format="parquet", partitioning="hive")
+    n = LAST - FIRST
+    for model in ["chgnet-0.3.0", "sevennet-0"]:
+        done = latents.to_table(filter=(ds.field("model") == model) & (ds.field("layer") == "ll"),
+                                columns=["structure_id"])
+        n_failed = int((failures["model"] == model).sum())
+        assert len(set(done["structure_id"].to_pylist())) + n_failed == n
+
+
+def _skmatter_rows(out, model, layer, common):
+    t = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table(
+        filter=(ds.field("model") == model) & (ds.field("layer") == layer)).to_pandas()
+    t = t[t.structure_index.isin(common)].sort_values(["structure_index", "atom_index"])
+    return np.stack(t["features"].to_numpy()).astype(np.float64), t
+
+
+def test_atom_level_numbers_equal_skmatter_on_the_same_rows(job):
+    from skmatter.metrics import global_reconstruction_error, local_reconstruction_error
+
+    out = job["out"]
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
+    X, tx = _skmatter_rows(out, "chgnet-0.3.0", "bb4", common)
+    Y, ty = _skmatter_rows(out, "sevennet-0", "bb5", common)
+    assert (tx.Z.to_numpy() == ty.Z.to_numpy()).all()
+    subsets = {i: a.info["subset"] for i, a in enumerate(job["frames"])}
+    labels = tx.structure_index.map(subsets).to_numpy()
+    train, test = train_test_split(np.arange(len(X)), test_size=300, random_state=0,
+                                   stratify=labels)
+    expected = {
+        ("gfre", "chgnet-0.3.0"): global_reconstruction_error(X, Y, test_idx=test, train_idx=train),
+        ("gfre", "sevennet-0"): global_reconstruction_error(Y, X, test_idx=test, train_idx=train),
+        ("lfre", "chgnet-0.3.0"): local_reconstruction_error(X, Y, 64, test_idx=test,
+                                                             train_idx=train),
+        ("lfre", "sevennet-0"): local_reconstruction_error(Y, X, 64, test_idx=test,
+                                                           train_idx=train),
+    }
+    atom = results[results.level == "atom"]
+    assert len(atom) == 4
+    for row in atom.itertuples():
+        assert row.n_test == 300 and row.n_train == len(X) - 300 and row.n_left_out == 4
+        assert row.value == pytest.approx(expected[(row.metric, row.source)], rel=1e-8, abs=1e-10)
+
+
+def test_structure_level_uses_the_papers_cumulants(job):
+    from skmatter.metrics import global_reconstruction_error
+
+    out = job["out"]
+    cum = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
+        filter=(ds.field("model") == "chgnet-0.3.0") & (ds.field("layer") == "bb4")).to_pandas()
+    cum = cum.sort_values("structure_index")
+    assert len(cum) == LAST - FIRST
+    _, atoms = _skmatter_rows(out, "chgnet-0.3.0", "bb4", range(LAST - FIRST))
+    for s in [0, 11, 57]:  # the paper's recipe, per structure, with scipy's moments
+        x = np.stack(atoms[atoms.structure_index == s]["features"].to_numpy()).astype(np.float64)
+        mu = {1: x.mean(0), **{k: stats.moment(x, moment=k, axis=0) for k in range(2, 5)}}
+        k = [mu[1], mu[2], mu[3], mu[4] - 3 * mu[2] ** 2]
+        ref = np.concatenate([k[0]] + [np.sign(k[n]) * np.abs(k[n]) ** (1 / (n + 1))
+                                       for n in range(1, 4)])
+        got = np.asarray(cum[cum.structure_index == s]["features"].iloc[0])[:4 * 64]
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    # structure-level GFRE at order 2 equals skmatter on those features and the paper's split
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    row = results[(results.level == "structure") & (results.metric == "gfre")
+                  & (results.source == "chgnet-0.3.0")].iloc[0]
+    common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
+    fx = np.stack(cum.set_index("structure_index").loc[common]["features"].to_numpy())[:, :128]
+    other = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
+        filter=(ds.field("model") == "sevennet-0")).to_pandas().set_index("structure_index")
+    fy = np.stack(other.loc[common]["features"].to_numpy())[:, :256]
+    labels = np.array([job["frames"][i].info["subset"] for i in common])
+    n_test = len(common) // 2  # fewer than 2000 structures: half of them
+    train, test = train_test_split(np.arange(len(common)), test_size=n_test,
+                                   random_state=0, stratify=labels)
+    assert row.order == 2 and row.n_test == n_test
+    assert row.value == pytest.approx(
+        global_reconstruction_error(fx, fy, test_idx=test, train_idx=train), rel=1e-8)
+
+
+def test_rerun_does_no_extraction_and_gives_identical_results(job):
+    first, second = job["first"]["extraction"], job["second"]["extraction"]
+    assert first["ran"] == 2 * 3 and first["skipped"] == 0  # 120 structures, shards of 50
+    assert second["ran"] == 0 and second["skipped"] == 6
+    csv = (job["out"] / "results" / "reconstruction.csv").read_bytes()
+    assert csv.count(b"\n") == 1 + 2 * 2 * 2  # header + metrics x levels x ordered pairs
+    assert csv == job["csv_first"]  # the second run's fits, from the same latents: same bytes
+
+
+def test_report_shows_every_figure_with_provenance(job):
+    out = job["out"]
+    page = (out / "report.html").read_text()
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert len(figures) == 4  # gfre/lfre x atom/structure for the bb layer
+    for name in figures:
+        assert f'src="figures/{name}"' in page
+    assert "sevennet-0" in page and "7net-0" in page
+    description = job["first"]["provenance"]["models"][1]
+    assert len(description["checkpoint_sha256"]) == 64
+    assert description["checkpoint_sha256"][:16] in page
+    assert "Po" in page  # the reason structures were left out
+
+
+def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("output: x\ndatasets: [{name: a, path: b, format: cif}]\n"
+                    "models: [{id: m, family: chgnet, checkpoint: '0.3.0'}]\n")
+    assert main(["run", str(path)]) == 2
+    assert "datasets[0].format: 'cif' is not supported" in capsys.readouterr().err
