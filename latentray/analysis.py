@@ -103,15 +103,20 @@ def structure_features(store: Store, dataset: str, model: str, layer: str, laten
     return index, feats
 
 
-def _measures(X: np.ndarray, Y: np.ndarray, train: np.ndarray, test: np.ndarray,
-              metrics: tuple[str, ...]) -> dict[str, float]:
+def fit_measures(X: np.ndarray, Y: np.ndarray, rows_x: np.ndarray | None,
+                 rows_y: np.ndarray | None, train: np.ndarray, test: np.ndarray,
+                 metrics: tuple[str, ...]) -> dict[str, float]:
+    """GFRE and/or LFRE(X[rows_x] -> Y[rows_y]) on the given split, in float64.
+
+    LFRE uses the paper's ``n_local_points = min(dim X, dim Y)``, capped by the number of
+    training rows on small data. Runs as a Ray task: one per (pair, level).
+    """
+    X = np.asarray(X if rows_x is None else X[rows_x], dtype=np.float64)
+    Y = np.asarray(Y if rows_y is None else Y[rows_y], dtype=np.float64)
     out = {}
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
     if "gfre" in metrics:
         out["gfre"] = float(global_reconstruction_error(X, Y, test_idx=test, train_idx=train))
     if "lfre" in metrics:
-        # the paper's choice, capped by the training set on small data
         k = min(X.shape[1], Y.shape[1], len(train))
         out["lfre"] = float(local_reconstruction_error(X, Y, k, test_idx=test, train_idx=train))
     return out
@@ -119,8 +124,12 @@ def _measures(X: np.ndarray, Y: np.ndarray, train: np.ndarray, test: np.ndarray,
 
 def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[pd.DataFrame, dict]:
     """Fit every measure the config asks for; write ``results/reconstruction.{csv,parquet}``."""
+    import ray
+
+    fit = ray.remote(num_cpus=1)(fit_measures)
     a = config.analyses
     rows: list[dict] = []
+    jobs: list[tuple[dict, object]] = []
     info: dict = {"path": "in-memory", "pairs": {}, "left_out": {}}
     models = [m.id for m in config.models]
     for d in config.datasets:
@@ -155,9 +164,11 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                 log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(present)} "
                                f"models in {time.perf_counter() - t:.1f} s")
 
-            pairs = [(s, t_) for s in present for t_ in present if s != t_]
-            t0 = time.perf_counter()
-            for i, (src, tgt) in enumerate(pairs):
+            # one Ray task per (pair, level); each model's matrix goes to the object store once
+            x_refs = {m: ray.put(latents[m].X) for m in present}
+            f_refs = {m: ray.put(np.ascontiguousarray(feats[m][1][:, :latents[m].width * a.order]))
+                      for m in feats}
+            for src, tgt in [(s, t_) for s in present for t_ in present if s != t_]:
                 common = np.intersect1d(done[src], done[tgt])
                 base = {"dataset": d.name, "source": src, "target": tgt, "layers": layer_name,
                         "source_layer": chosen[src], "target_layer": chosen[tgt],
@@ -171,24 +182,30 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                     labels = subset_of.loc[A.structure_index[ra]].to_numpy()
                     train, test = paper_split(len(ra), a.n_test, seed=a.seed,
                                               labels=labels if d.subset_key else None)
-                    for metric, value in _measures(A.X[ra], B.X[rb], train, test, a.metrics).items():
-                        rows.append({**base, "metric": metric, "level": "atom", "order": pd.NA,
-                                     "value": value, "n_train": len(train), "n_test": len(test)})
+                    jobs.append(({**base, "level": "atom", "order": pd.NA, "n_train": len(train),
+                                  "n_test": len(test)},
+                                 fit.remote(x_refs[src], x_refs[tgt], ra, rb, train, test,
+                                            a.metrics)))
                 if "structure" in a.levels:
-                    (ia, fa), (ib, fb) = feats[src], feats[tgt]
-                    sa, sb = np.isin(ia, common), np.isin(ib, common)
-                    wa, wb = latents[src].width * a.order, latents[tgt].width * a.order
+                    ia, ib = feats[src][0], feats[tgt][0]
+                    sa, sb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
                     labels = subset_of.loc[ia[sa]].to_numpy()
-                    train, test = paper_split(int(sa.sum()), structure_n_test(int(sa.sum()), a.n_test),
+                    train, test = paper_split(len(sa), structure_n_test(len(sa), a.n_test),
                                               seed=a.seed, labels=labels if d.subset_key else None)
-                    for metric, value in _measures(fa[sa][:, :wa], fb[sb][:, :wb], train, test,
-                                                   a.metrics).items():
-                        rows.append({**base, "metric": metric, "level": "structure",
-                                     "order": a.order, "value": value,
-                                     "n_train": len(train), "n_test": len(test)})
-                if (i + 1) % max(1, len(pairs) // 6) == 0 or i + 1 == len(pairs):
-                    log("analyse", f"{d.name} layer {layer_name}: {i + 1}/{len(pairs)} pairs "
-                                   f"fitted ({time.perf_counter() - t0:.1f} s)")
+                    jobs.append(({**base, "level": "structure", "order": a.order,
+                                  "n_train": len(train), "n_test": len(test)},
+                                 fit.remote(f_refs[src], f_refs[tgt], sa, sb, train, test,
+                                            a.metrics)))
+
+    t0 = time.perf_counter()
+    pending = [future for _, future in jobs]
+    while pending:
+        done_now, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
+        log("analyse", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
+                       f"({time.perf_counter() - t0:.1f} s)")
+    for base, future in jobs:
+        for metric, value in ray.get(future).items():
+            rows.append({**base, "metric": metric, "value": value})
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     results["order"] = results["order"].astype("Int64")
     store.write_bytes(store.path("results", "reconstruction.csv"),

@@ -1,0 +1,248 @@
+"""CHGNet (``chgnet`` package): latent features of a loaded checkpoint.
+
+Layers (CHGNet 0.2.0 / 0.3.0 / r2scan all have 4 atom convolutions and a per-atom
+readout MLP, ``mlp_first=True``):
+
+``bb1 .. bb{K-1}``
+    atom features after ``atom_conv_layers[k-1]``; ``bb{K-1}`` is exactly CHGNet's own
+    ``predict_structure(..., return_atom_feas=True)["atom_fea"]`` (the features before
+    the last convolution);
+``bbK``
+    atom features after the last convolution, after ``readout_norm`` when the model has
+    one (0.3.0 and r2scan: a LayerNorm; 0.2.0: none) -- the input of the readout MLP;
+``ll``
+    the input of the last ``nn.Linear`` of ``model.mlp`` (per atom); offered only when
+    the model sums per-atom energies (``mlp_first``), absent from ``info`` otherwise.
+
+The features are recorded by forward hooks on the unmodified loaded model during its own
+batched ``forward(graphs, task="e")`` under ``torch.inference_mode``; the pass stops right
+after the last requested layer (no readout when not needed, never forces or stress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import ModelAdapter, ModelInfo, StructureError, file_sha256, resolve_layers
+
+PACKAGED = ("0.3.0", "0.2.0", "r2scan")
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last requested layer to end the forward pass."""
+
+
+def _check_geometry(atoms: Any) -> None:
+    """NaN/inf positions or cell, empty structure, degenerate periodic cell."""
+    n = len(atoms)
+    if n == 0:
+        raise StructureError("structure has no atoms")
+    positions = atoms.positions
+    if not np.isfinite(positions).all():
+        raise StructureError("non-finite (NaN or inf) atomic positions")
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    if not np.isfinite(cell).all():
+        raise StructureError("non-finite (NaN or inf) cell")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.all():
+        volume = abs(float(np.linalg.det(cell)))
+        if volume < 1e-6:
+            raise StructureError(f"zero-volume periodic cell (volume {volume:.3g} A^3)")
+    elif pbc.any():
+        vectors = cell[pbc]
+        if (np.linalg.norm(vectors, axis=1) < 1e-6).any() or (
+            len(vectors) == 2 and np.linalg.norm(np.cross(vectors[0], vectors[1])) < 1e-6
+        ):
+            raise StructureError("degenerate cell vector along a periodic direction")
+
+
+class CHGNetAdapter(ModelAdapter):
+    family = "chgnet"
+
+    def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
+                 modality: str | None = None) -> None:
+        super().__init__(checkpoint, device=device, dtype=dtype, modality=modality)
+        if modality is not None:
+            raise ValueError(
+                f"CHGNet checkpoint {checkpoint!r} has no modalities; got modality={modality!r}"
+            )
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self._torch_dtype = _DTYPES[dtype]
+        self._np_dtype = np.float64 if dtype == "float64" else np.float32
+
+        import chgnet
+        from chgnet.model import CHGNet
+
+        sink = io.StringIO()  # CHGNet prints "CHGNet vX initialized with N parameters"
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if checkpoint in PACKAGED:
+                files = sorted((Path(chgnet.__file__).parent / "pretrained" / checkpoint)
+                               .glob("*.pth.tar"))
+                if len(files) != 1:
+                    raise FileNotFoundError(
+                        f"expected one packaged CHGNet {checkpoint} checkpoint, found {files}"
+                    )
+                self._file = str(files[0].resolve())
+                model = CHGNet.load(model_name=checkpoint, use_device=device, verbose=False)
+            elif Path(checkpoint).is_file():
+                self._file = str(Path(checkpoint).resolve())
+                model = CHGNet.from_file(self._file)
+            else:
+                raise ValueError(
+                    f"unknown CHGNet checkpoint {checkpoint!r}: neither a packaged model "
+                    f"({', '.join(PACKAGED)}) nor an existing file"
+                )
+        model = model.to(device=device, dtype=self._torch_dtype).eval()
+        if model.composition_model is not None:
+            # The elemental reference energy is not a latent feature; its input is always
+            # float32 (AtomRef casts it), so it stays float32 when the model runs in float64.
+            model.composition_model.float()
+        self.model = model
+        self._sha256: str | None = None
+
+        # Layer -> (module, kind): kind "out" records the module's output, "in" its input.
+        convs = list(model.atom_conv_layers)
+        self._taps: dict[str, tuple[nn.Module, str]] = {}
+        for k, conv in enumerate(convs[:-1], start=1):
+            self._taps[f"bb{k}"] = (conv, "out")
+        last = model.readout_norm if model.readout_norm is not None else convs[-1]
+        self._taps[f"bb{len(convs)}"] = (last, "out")
+        widths = {name: int(model.atom_fea_dim) for name in self._taps}
+        if model.mlp_first:
+            linears = [m for m in model.mlp.modules() if isinstance(m, nn.Linear)]
+            self._taps["ll"] = (linears[-1], "in")
+            widths["ll"] = int(linears[-1].in_features)
+        self._widths = widths
+        self._layers = list(widths)
+        n_elements = int(model.atom_embedding.embedding.num_embeddings)
+        self._supported = frozenset(range(1, n_elements + 1))  # row z-1 embeds element z
+        self._cutoff = float(model.graph_converter.atom_graph_cutoff)
+
+    # -- description ---------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self._file)
+        return ModelInfo(
+            family=self.family,
+            checkpoint=self.checkpoint,
+            checkpoint_file=self._file,
+            checkpoint_sha256=self._sha256,
+            cutoff=self._cutoff,
+            layer_widths=dict(self._widths),
+            supported_numbers=self._supported,
+        )
+
+    @property
+    def notes(self) -> str:
+        if "ll" in self._widths:
+            return ""
+        return ("ll is not offered: this checkpoint pools atom features before its readout "
+                "MLP (mlp_first=False), so the MLP has no per-atom input")
+
+    # -- graph building --------------------------------------------------------------
+
+    def prepare(self, atoms: Any) -> Any:
+        """ase.Atoms -> CHGNet CrystalGraph (on CPU), or StructureError."""
+        self.check(atoms.numbers)
+        _check_geometry(atoms)
+        from ase import Atoms
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        cell = np.asarray(atoms.cell[:], dtype=float)
+        positions = np.asarray(atoms.positions, dtype=float)
+        if not pbc.all():
+            if pbc.any():
+                raise StructureError(
+                    f"CHGNet needs a 3D-periodic cell or none at all; got pbc={pbc.tolist()}"
+                )
+            if abs(np.linalg.det(cell)) < 1e-6:
+                # A molecule without a cell: a box only to define fractional coordinates
+                # (pbc stays False, so no periodic image is ever a neighbour).
+                lo = positions.min(axis=0)
+                cell = np.diag(positions.max(axis=0) - lo + 2 * self._cutoff + 1.0)
+                positions = positions - lo + self._cutoff + 0.5
+        # A bare copy: no calculator results, magmoms or constraints travel along.
+        bare = Atoms(numbers=atoms.numbers, positions=positions, cell=cell, pbc=pbc)
+        structure = AseAtomsAdaptor.get_structure(bare)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                graph = self.model.graph_converter(structure)
+        except (ValueError, RuntimeError, IndexError) as exc:
+            if "isolated atom" in str(exc):
+                raise StructureError(
+                    f"atom(s) with no neighbour within the cutoff of {self._cutoff:g} A"
+                ) from None
+            raise StructureError(f"CHGNet graph converter failed: {exc}") from None
+        # Whatever the converter's isolated-atom setting: every atom must have an edge.
+        centres = graph.atom_graph.reshape(-1, 2)[:, 0].long()
+        lonely = np.flatnonzero(torch.bincount(centres, minlength=len(bare)).numpy() == 0)
+        if lonely.size:
+            raise StructureError(
+                f"{lonely.size} atom(s) with no neighbour within the cutoff of "
+                f"{self._cutoff:g} A (first: index {int(lonely[0])})"
+            )
+        if self._torch_dtype == torch.float64:
+            graph.atom_frac_coord = torch.tensor(structure.frac_coords, dtype=torch.float64)
+            graph.lattice = torch.tensor(structure.lattice.matrix, dtype=torch.float64)
+            graph.neighbor_image = graph.neighbor_image.to(torch.float64)
+        return graph
+
+    # -- batched forward ---------------------------------------------------------------
+
+    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+        names = resolve_layers(layers, self._layers)
+        if len(prepared) == 0:
+            return {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
+        captured: dict[str, torch.Tensor] = {}
+        last = names[-1]
+        handles = []
+
+        def make_hook(name: str, kind: str):
+            if kind == "out":
+                def hook(module, args, output):
+                    captured[name] = output
+                    if name == last:
+                        raise _Stop
+            else:
+                def hook(module, args):
+                    captured[name] = args[0]
+                    if name == last:
+                        raise _Stop
+            return hook
+
+        try:
+            for name in names:
+                module, kind = self._taps[name]
+                if kind == "out":
+                    handles.append(module.register_forward_hook(make_hook(name, kind)))
+                else:
+                    handles.append(module.register_forward_pre_hook(make_hook(name, kind)))
+            graphs = prepared if self.device == "cpu" else [g.to(self.device) for g in prepared]
+            with torch.inference_mode():
+                try:
+                    self.model(graphs, task="e")
+                except _Stop:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [n for n in names if n not in captured]
+        if missing:  # pragma: no cover - would mean the model's code path changed
+            raise RuntimeError(f"CHGNet forward did not reach layer(s) {missing}")
+        return {n: captured[n].detach().to("cpu", self._torch_dtype).numpy() for n in names}
