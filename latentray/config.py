@@ -27,6 +27,7 @@ class DatasetConfig:
     path: str
     format: str = "extxyz"
     subset_key: str | None = "subset"
+    limit: int | None = None  # read only the first N structures
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ExtractionConfig:
     shard_size: int = 250  # structures per unit of work
-    batch_atoms: int = 1024  # atom budget of one forward batch
+    batch_atoms: int = 128  # atom budget of one forward batch (CPU: small is faster; GPU: raise it)
     actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0
@@ -132,6 +133,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
         where = f"{source}: datasets[{i}]"
         _check(isinstance(d.name, str) and d.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
                f"{where}.name: use letters, digits, '-', '_', '.', got {d.name!r}")
+        if d.limit is not None:
+            _positive_int(d.limit, f"{where}.limit")
         _check(d.format in DATASET_FORMATS,
                f"{where}.format: {d.format!r} is not supported; choose from {list(DATASET_FORMATS)}")
     names = [d.name for d in datasets]

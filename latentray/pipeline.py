@@ -91,7 +91,9 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
     with log.timed("read"):
         for d in config.datasets:
             n_structures = n_atoms = 0
-            for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size, limit):
+            n_max = min(x for x in (limit, d.limit, float("inf")) if x is not None)
+            n_max = None if n_max == float("inf") else int(n_max)
+            for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size, n_max):
                 table = pa.table({
                     "structure_id": pa.array(shard.structure_id.tolist(), pa.string()),
                     "structure_index": shard.structure_index,

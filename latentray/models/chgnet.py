@@ -66,8 +66,17 @@ def _check_geometry(atoms: Any) -> None:
             raise StructureError("degenerate cell vector along a periodic direction")
 
 
+def _with_aliases(out: dict[str, np.ndarray], requested: Sequence[str],
+                  available: Sequence[str]) -> dict[str, np.ndarray]:
+    """Results are keyed by concrete layer names; a requested ``bb`` is also a key."""
+    if "bb" in requested:
+        out["bb"] = out[[n for n in available if n.startswith("bb")][-1]]
+    return out
+
+
 class CHGNetAdapter(ModelAdapter):
     family = "chgnet"
+    package = "chgnet"  # the distribution whose version describes the code
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
                  modality: str | None = None) -> None:
@@ -208,7 +217,8 @@ class CHGNetAdapter(ModelAdapter):
     def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
         names = resolve_layers(layers, self._layers)
         if len(prepared) == 0:
-            return {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
+            empty = {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
+            return _with_aliases(empty, layers, self._layers)
         captured: dict[str, torch.Tensor] = {}
         last = names[-1]
         handles = []
@@ -245,4 +255,5 @@ class CHGNetAdapter(ModelAdapter):
         missing = [n for n in names if n not in captured]
         if missing:  # pragma: no cover - would mean the model's code path changed
             raise RuntimeError(f"CHGNet forward did not reach layer(s) {missing}")
-        return {n: captured[n].detach().to("cpu", self._torch_dtype).numpy() for n in names}
+        out = {n: captured[n].detach().to("cpu", self._torch_dtype).numpy() for n in names}
+        return _with_aliases(out, layers, self._layers)

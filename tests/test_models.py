@@ -1,0 +1,351 @@
+"""CHGNet and SevenNet adapters (latentray.models.chgnet / .sevenn) on real MAD structures.
+
+Reference values come from each family's own public code paths on the unmodified models:
+CHGNet's ``predict_structure(..., return_atom_feas=True)`` and forward hooks on SevenNet's
+model run by ``sevenn.calculator.SevenNetCalculator``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.io import read
+
+pytest.importorskip("torch")
+
+from latentray.models import StructureError, load_adapter  # noqa: E402
+from latentray.models.base import file_sha256  # noqa: E402
+
+MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
+SEVENN_UNSUPPORTED = {84, 85, 86, 87, 88}  # Po, At, Rn, Fr, Ra: not in SevenNet-0's type map
+
+
+@pytest.fixture(scope="module")
+def structures():
+    """Six small structures that every packaged model can process (10 to 50 atoms)."""
+    frames = read(MAD, index=":20")
+    chosen = [a for a in frames
+              if len(a) <= 50 and not SEVENN_UNSUPPORTED.intersection(a.numbers.tolist())][:6]
+    assert len(chosen) == 6
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def chgnet():
+    pytest.importorskip("chgnet")
+    return load_adapter("chgnet", "0.3.0")
+
+
+@pytest.fixture(scope="module")
+def sevennet():
+    pytest.importorskip("sevenn")
+    return load_adapter("sevenn", "7net-0")
+
+
+def _n_atoms(frames) -> int:
+    return sum(len(a) for a in frames)
+
+
+# -- CHGNet ---------------------------------------------------------------------------
+
+
+def test_chgnet_bb3_equals_its_own_atom_fea(chgnet, structures):
+    """bb3 (after the 3rd of 4 convolutions) is what CHGNet itself calls atom_fea."""
+    from chgnet.model import CHGNet
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    reference_model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
+    theirs = reference_model.predict_structure(
+        [AseAtomsAdaptor.get_structure(a) for a in structures], return_atom_feas=True)
+    expected = np.concatenate([p["atom_fea"] for p in theirs])
+    ours = chgnet.forward([chgnet.prepare(a) for a in structures], ["bb3"])  # one batch
+    assert ours["bb3"].shape == (_n_atoms(structures), 64)
+    np.testing.assert_allclose(ours["bb3"], expected, atol=1e-5, rtol=0)
+    # the neighbouring layers are different things
+    other = chgnet.forward([chgnet.prepare(a) for a in structures], ["bb2", "bb4"])
+    assert np.abs(other["bb2"] - expected).max() > 0.1
+    assert np.abs(other["bb4"] - expected).max() > 0.1
+
+
+def test_chgnet_bb4_and_ll_feed_its_readout(chgnet, structures):
+    """bb4 is the readout MLP's input and ll its last Linear's input: both give CHGNet's
+    own site energies (minus the elemental reference energies)."""
+    import torch
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    graphs = [chgnet.prepare(a) for a in structures]
+    out = chgnet.forward(graphs, ["bb4", "ll"])
+    model = chgnet.model
+    theirs = model.predict_structure([AseAtomsAdaptor.get_structure(a) for a in structures],
+                                     task="e", return_site_energies=True)
+    site = np.concatenate([p["site_energies"] for p in theirs])
+    shift = torch.cat(model.composition_model.get_site_energies(graphs)).numpy()
+    last_linear = model.mlp.layers[-1]
+    with torch.inference_mode():
+        from_ll = last_linear(torch.from_numpy(out["ll"])).numpy().ravel()
+        from_bb4 = model.mlp(torch.from_numpy(out["bb4"])).numpy().ravel()
+    np.testing.assert_allclose(from_ll + shift, site, atol=1e-5)
+    np.testing.assert_allclose(from_bb4 + shift, site, atol=1e-5)
+
+
+def test_chgnet_info_matches_its_arrays(chgnet, structures):
+    info = chgnet.info
+    assert info.family == "chgnet" and info.checkpoint == "0.3.0"
+    assert list(info.layer_widths) == ["bb1", "bb2", "bb3", "bb4", "ll"]
+    assert set(info.layer_widths.values()) == {64}
+    assert info.cutoff == 6.0
+    assert info.supported_numbers == frozenset(range(1, 95))
+    assert Path(info.checkpoint_file).is_file() and info.checkpoint_file.endswith(".pth.tar")
+    assert info.checkpoint_sha256 == file_sha256(info.checkpoint_file)
+    assert chgnet.info.checkpoint_sha256 is info.checkpoint_sha256  # computed once
+    out = chgnet.forward([chgnet.prepare(a) for a in structures[:3]], ["all"])
+    assert list(out) == list(info.layer_widths)
+    for layer, width in info.layer_widths.items():
+        assert out[layer].shape == (_n_atoms(structures[:3]), width)
+        assert out[layer].dtype == np.float32 and np.isfinite(out[layer]).all()
+
+
+def test_chgnet_truncated_pass_and_aliases(chgnet, structures):
+    graphs = [chgnet.prepare(a) for a in structures[:3]]
+    full = chgnet.forward(graphs, ["all"])
+    early = chgnet.forward(graphs, ["bb1"])  # stops after the first convolution
+    assert list(early) == ["bb1"]
+    np.testing.assert_array_equal(early["bb1"], full["bb1"])
+    alias = chgnet.forward(graphs, ["bb"])
+    np.testing.assert_array_equal(alias["bb"], full["bb4"])
+    with pytest.raises(ValueError, match="unknown layer"):
+        chgnet.forward(graphs, ["bb9"])
+    empty = chgnet.forward([], ["bb1", "ll"])
+    assert empty["bb1"].shape == (0, 64) and empty["ll"].shape == (0, 64)
+
+
+def test_chgnet_one_at_a_time_equals_batched(chgnet, structures):
+    graphs = [chgnet.prepare(a) for a in structures]
+    batched = chgnet.forward(graphs, ["all"])
+    one_by_one = [chgnet.forward([g], ["all"]) for g in graphs]
+    for layer in batched:
+        single = np.concatenate([out[layer] for out in one_by_one])
+        np.testing.assert_allclose(batched[layer], single, atol=1e-5, rtol=0, err_msg=layer)
+
+
+# -- SevenNet -------------------------------------------------------------------------
+
+
+def _hooked_calculator(name: str, modal: str | None = None):
+    """sevenn's own ASE calculator on the unmodified model, with forward hooks recording
+    the 0e channels of every gate output and the output of reduce_input_to_hidden."""
+    import warnings
+
+    from e3nn.o3 import Irreps
+    from sevenn.calculator import SevenNetCalculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = SevenNetCalculator(name, device="cpu", modal=modal)
+    records: dict[str, list[np.ndarray]] = {}
+
+    def record(layer, columns):
+        def hook(module, args, output):
+            x = output["x"].detach()
+            records.setdefault(layer, []).append(x[:, columns].clone().numpy())
+        return hook
+
+    gates = sorted(k for k in calc.model._modules if k.endswith("_equivariant_gate"))
+    for key in gates:
+        k = int(key.split("_")[0]) + 1
+        irreps = Irreps(str(calc.model._modules[key].gate.irreps_out))
+        columns = np.concatenate([np.arange(s.start, s.stop)
+                                  for (mul, ir), s in zip(irreps, irreps.slices())
+                                  if (ir.l, ir.p) == (0, 1)])
+        calc.model._modules[key].register_forward_hook(record(f"bb{k}", columns))
+    calc.model._modules["reduce_input_to_hidden"].register_forward_hook(
+        record("ll", slice(None)))
+    return calc, records
+
+
+def _run_calculator(calc, records, frames) -> dict[str, np.ndarray]:
+    records.clear()
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+    return {layer: np.concatenate(values) for layer, values in records.items()}
+
+
+def test_sevennet_equals_hooks_on_its_calculator(sevennet, structures):
+    calc, records = _hooked_calculator("7net-0")
+    expected = _run_calculator(calc, records, structures)
+    ours = sevennet.forward([sevennet.prepare(a) for a in structures], ["all"])
+    assert sorted(ours) == sorted(expected) == ["bb1", "bb2", "bb3", "bb4", "bb5", "ll"]
+    for layer in ours:
+        assert ours[layer].shape == expected[layer].shape
+        np.testing.assert_allclose(ours[layer], expected[layer], atol=1e-5, rtol=1e-5,
+                                   err_msg=layer)
+    # batched vs one structure at a time
+    one_by_one = [sevennet.forward([sevennet.prepare(a)], ["all"]) for a in structures]
+    single = {layer: np.concatenate([out[layer] for out in one_by_one]) for layer in ours}
+    for layer in ours:
+        np.testing.assert_allclose(ours[layer], single[layer], atol=1e-5, rtol=1e-5,
+                                   err_msg=layer)
+
+
+def test_sevennet_info_matches_its_arrays(sevennet, structures):
+    info = sevennet.info
+    assert info.family == "sevenn" and info.cutoff == 5.0
+    assert info.layer_widths == {"bb1": 128, "bb2": 128, "bb3": 128, "bb4": 128, "bb5": 128,
+                                 "ll": 64}
+    assert Path(info.checkpoint_file).name == "checkpoint_sevennet_0.pth"
+    assert info.checkpoint_sha256 == file_sha256(info.checkpoint_file)
+    assert len(info.supported_numbers) == 89 and not SEVENN_UNSUPPORTED & info.supported_numbers
+    out = sevennet.forward([sevennet.prepare(a) for a in structures[:3]], ["all"])
+    for layer, width in info.layer_widths.items():
+        assert out[layer].shape == (_n_atoms(structures[:3]), width)
+        assert out[layer].dtype == np.float32 and np.isfinite(out[layer]).all()
+    early = sevennet.forward([sevennet.prepare(a) for a in structures[:3]], ["bb2"])
+    np.testing.assert_array_equal(early["bb2"], out["bb2"])
+
+
+def test_sevennet_scalar_channels_come_from_the_irreps():
+    from e3nn.o3 import Irreps
+
+    from latentray.models.sevenn import scalar_channels
+
+    assert scalar_channels(Irreps("128x0e+64x1e+32x2e")) == slice(0, 128)
+    assert scalar_channels(Irreps("128x0e")) == slice(0, 128)
+    assert scalar_channels(Irreps("8x0e+4x1o+2x0e")) == list(range(8)) + [20, 21]
+    assert scalar_channels(Irreps("4x0o+3x0e")) == slice(4, 7)  # pseudo-scalars left out
+
+
+def test_sevennet_mf_modalities(structures):
+    pytest.importorskip("sevenn")
+    with pytest.raises(ValueError, match="modality") as missing:
+        load_adapter("sevenn", "7net-mf-0")
+    assert "PBE" in str(missing.value) and "R2SCAN" in str(missing.value)
+    with pytest.raises(ValueError, match="unknown modality 'HSE'") as unknown:
+        load_adapter("sevenn", "7net-mf-0", modality="HSE")
+    assert "PBE" in str(unknown.value) and "R2SCAN" in str(unknown.value)
+    with pytest.raises(ValueError, match="no modalities"):
+        load_adapter("sevenn", "7net-0", modality="PBE")
+    with pytest.raises(ValueError, match="no modalities"):
+        load_adapter("chgnet", "0.3.0", modality="PBE")
+
+    frames = structures[:3]
+    pbe = load_adapter("sevenn", "7net-mf-0", modality="PBE")
+    r2scan = load_adapter("sevenn", "7net-mf-0", modality="R2SCAN")
+    a = pbe.forward([pbe.prepare(s) for s in frames], ["bb1", "ll"])
+    b = r2scan.forward([r2scan.prepare(s) for s in frames], ["bb1", "ll"])
+    assert a["ll"].shape == b["ll"].shape == (_n_atoms(frames), 64)
+    assert np.abs(a["ll"] - b["ll"]).max() > 1e-3
+    assert np.abs(a["bb1"] - b["bb1"]).max() > 1e-4  # the modality enters every block
+    # and each equals sevenn's own calculator with that modality
+    calc, records = _hooked_calculator("7net-mf-0", modal="R2SCAN")
+    expected = _run_calculator(calc, records, frames)
+    np.testing.assert_allclose(b["ll"], expected["ll"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(b["bb1"], expected["bb1"], atol=1e-5, rtol=1e-5)
+
+
+# -- both families --------------------------------------------------------------------
+
+
+def test_unsupported_element_fails_prepare_with_its_name(sevennet, chgnet):
+    po = Atoms("PoO", positions=[[0, 0, 0], [1.9, 0, 0]], cell=np.eye(3) * 6, pbc=True)
+    with pytest.raises(StructureError, match="Po"):
+        sevennet.prepare(po)
+    assert chgnet.forward([chgnet.prepare(po)], ["bb1"])["bb1"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("family", ["chgnet", "sevenn"])
+def test_bad_structures_raise_structure_error(family, chgnet, sevennet, structures):
+    adapter = {"chgnet": chgnet, "sevenn": sevennet}[family]
+    # an O atom 15 A from a bonded Si pair, in a 30 A periodic box
+    isolated = Atoms("Si2O", positions=[[1, 1, 1], [3.3, 1, 1], [16, 16, 1]],
+                     cell=np.eye(3) * 30, pbc=True)
+    with pytest.raises(StructureError, match="no neighbour"):
+        adapter.prepare(isolated)
+    nan = structures[0].copy()
+    nan.positions[3, 1] = np.nan
+    with pytest.raises(StructureError, match="NaN"):
+        adapter.prepare(nan)
+    flat = Atoms("NaCl", positions=[[0, 0, 0], [1, 1, 0]],
+                 cell=[[3, 0, 0], [0, 3, 0], [0, 0, 0]], pbc=True)
+    with pytest.raises(StructureError, match="zero-volume"):
+        adapter.prepare(flat)
+    with pytest.raises(StructureError, match="no atoms"):
+        adapter.prepare(Atoms(cell=np.eye(3) * 5, pbc=True))
+    # the bad ones never reach the batch; the good ones still run together
+    prepared = []
+    for atoms in [structures[0], isolated, nan, structures[1], flat]:
+        try:
+            prepared.append(adapter.prepare(atoms))
+        except StructureError:
+            pass
+    out = adapter.forward(prepared, ["bb1"])
+    assert out["bb1"].shape[0] == _n_atoms(structures[:2])
+
+
+@pytest.mark.parametrize("family", ["chgnet", "sevenn"])
+def test_molecule_without_cell(family, chgnet, sevennet):
+    adapter = {"chgnet": chgnet, "sevenn": sevennet}[family]
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], pbc=False)
+    out = adapter.forward([adapter.prepare(water)], ["all"])
+    assert all(v.shape[0] == 3 and np.isfinite(v).all() for v in out.values())
+    shifted = water.copy()
+    shifted.positions += [40.0, -3.0, 7.0]  # translation invariance
+    again = adapter.forward([adapter.prepare(shifted)], ["all"])
+    for layer in out:
+        np.testing.assert_allclose(again[layer], out[layer], atol=1e-4, err_msg=layer)
+
+
+@pytest.mark.parametrize("family, checkpoint", [("chgnet", "0.3.0"), ("sevenn", "7net-0")])
+def test_float64(family, checkpoint, chgnet, sevennet, structures):
+    single = {"chgnet": chgnet, "sevenn": sevennet}[family]
+    double = load_adapter(family, checkpoint, dtype="float64")
+    frames = structures[:3]
+    a = single.forward([single.prepare(s) for s in frames], ["all"])
+    b = double.forward([double.prepare(s) for s in frames], ["all"])
+    # the whole network runs in float64 (CHGNet's elemental reference energies stay float32)
+    assert {p.dtype.itemsize for name, p in double.model.named_parameters()
+            if not name.startswith("composition_model")} == {8}
+    for layer in a:
+        assert b[layer].dtype == np.float64 and a[layer].dtype == np.float32
+        scale = max(1.0, float(np.abs(b[layer]).max()))
+        np.testing.assert_allclose(a[layer], b[layer], atol=1e-4 * scale, rtol=0, err_msg=layer)
+
+
+def test_unknown_checkpoints_are_refused_without_download():
+    pytest.importorskip("sevenn")
+    with pytest.raises(ValueError, match="packaged"):
+        load_adapter("sevenn", "7net-omat")
+    with pytest.raises(ValueError, match="packaged"):
+        load_adapter("chgnet", "0.1.0")
+
+
+PACKAGED = [
+    ("chgnet", "0.3.0", None, 4, 64),
+    ("chgnet", "0.2.0", None, 4, 64),
+    ("chgnet", "r2scan", None, 4, 64),
+    ("sevenn", "7net-0", None, 5, 128),
+    ("sevenn", "7net-0_22may2024", None, 5, 128),
+    ("sevenn", "7net-l3i5", None, 5, 128),
+    ("sevenn", "7net-mf-0", "PBE", 5, 128),
+]
+
+
+@pytest.mark.parametrize("family, checkpoint, modality, n_blocks, width", PACKAGED)
+def test_every_packaged_checkpoint_runs(family, checkpoint, modality, n_blocks, width,
+                                        structures):
+    pytest.importorskip(family)
+    adapter = load_adapter(family, checkpoint, modality=modality)
+    info = adapter.info
+    expected = {**{f"bb{k}": width for k in range(1, n_blocks + 1)}, "ll": 64}
+    assert info.layer_widths == expected
+    assert Path(info.checkpoint_file).is_file() and len(info.checkpoint_sha256) == 64
+    frames = structures[:3]
+    out = adapter.forward([adapter.prepare(a) for a in frames], ["all"])
+    assert list(out) == list(expected)
+    for layer, w in expected.items():
+        assert out[layer].shape == (_n_atoms(frames), w)
+        assert out[layer].dtype == np.float32 and np.isfinite(out[layer]).all()
