@@ -68,6 +68,25 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _code_digest() -> str:
+    """The code a fit's number depends on."""
+    from . import cumulants, reconstruction, splits
+
+    return _digest([hashlib.sha256(open(module.__file__, "rb").read()).hexdigest()
+                    for module in (cumulants, reconstruction, splits)])
+
+
+def _fit_cache(store: Store) -> dict[str, dict[str, float]]:
+    """Fits of earlier runs, by the digest of everything they depend on."""
+    path = store.path("results", "fits.parquet")
+    if not store.exists(path):
+        return {}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, filesystem=store.fs)
+    return {k: json.loads(v) for k, v in zip(table["key"].to_pylist(), table["values"].to_pylist())}
+
+
 def structure_features(store: Store, dataset: str, model: str, layer: str, latents: Latents,
                        structures: pd.DataFrame, inputs_digest: str) -> tuple[np.ndarray, np.ndarray]:
     """Cumulant features up to order 8 for every structure the model processed.
@@ -135,7 +154,18 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
     fit = ray.remote(num_cpus=1)(fit_measures)
     a = config.analyses
     rows: list[dict] = []
-    jobs: list[tuple[dict, object]] = []
+    jobs: list[tuple[dict, str, object]] = []
+    cache = _fit_cache(store)
+    code = _code_digest()
+
+    def submit(base: dict, digest: dict, launch) -> None:
+        """Run a fit unless one with the same inputs is in ``results/fits.parquet``."""
+        key = _digest({"row": {k: v for k, v in base.items() if k not in ("n_structures",)},
+                       "source": digest[base["source"]], "target": digest[base["target"]],
+                       "metrics": sorted(a.metrics), "n_test": a.n_test, "code": code,
+                       "stratified": config.datasets[[x.name for x in config.datasets]
+                                                     .index(base["dataset"])].subset_key})
+        jobs.append((base, key, None if set(cache.get(key, {})) >= set(a.metrics) else launch()))
     info: dict = {"path": "in-memory", "pairs": {}, "left_out": {}}
     models = [m.id for m in config.models]
     for d in config.datasets:
@@ -159,14 +189,16 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
             log("analyse", f"{d.name} layer {layer_name}: read latents of {len(present)} models "
                            f"in {time.perf_counter() - t:.1f} s")
 
+            # what each model's latents came from: its units' manifest inputs
+            digest = {m: _digest([store.read_json(store.manifest_path(d.name, m, s))["inputs"]
+                                  for s in range(-(-n_all // config.extraction.shard_size))])
+                      for m in present}
             feats = {}
             if "structure" in a.levels:
                 t = time.perf_counter()
                 for m in present:
-                    digest = _digest([store.read_json(store.manifest_path(d.name, m, s))["inputs"]
-                                      for s in range(-(-n_all // config.extraction.shard_size))])
                     feats[m] = structure_features(store, d.name, m, chosen[m], latents[m],
-                                                  structures, digest)
+                                                  structures, digest[m])
                 log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(present)} "
                                f"models in {time.perf_counter() - t:.1f} s")
 
@@ -188,30 +220,38 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                     labels = subset_of.loc[A.structure_index[ra]].to_numpy()
                     train, test = paper_split(len(ra), a.n_test, seed=a.seed,
                                               labels=labels if d.subset_key else None)
-                    jobs.append(({**base, "level": "atom", "order": pd.NA, "n_train": len(train),
-                                  "n_test": len(test)},
-                                 fit.remote(x_refs[src], x_refs[tgt], ra, rb, train, test,
-                                            a.metrics)))
+                    submit({**base, "level": "atom", "order": pd.NA, "n_train": len(train),
+                            "n_test": len(test)}, digest,
+                           lambda: fit.remote(x_refs[src], x_refs[tgt], ra, rb, train, test,
+                                              a.metrics))
                 if "structure" in a.levels:
                     ia, ib = feats[src][0], feats[tgt][0]
                     sa, sb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
                     labels = subset_of.loc[ia[sa]].to_numpy()
                     train, test = paper_split(len(sa), structure_n_test(len(sa), a.n_test),
                                               seed=a.seed, labels=labels if d.subset_key else None)
-                    jobs.append(({**base, "level": "structure", "order": a.order,
-                                  "n_train": len(train), "n_test": len(test)},
-                                 fit.remote(f_refs[src], f_refs[tgt], sa, sb, train, test,
-                                            a.metrics)))
+                    submit({**base, "level": "structure", "order": a.order,
+                            "n_train": len(train), "n_test": len(test)}, digest,
+                           lambda: fit.remote(f_refs[src], f_refs[tgt], sa, sb, train, test,
+                                              a.metrics))
 
     t0 = time.perf_counter()
-    pending = [future for _, future in jobs]
+    pending = [future for _, _, future in jobs if future is not None]
+    log("analyse", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
+                   f"unchanged), {len(pending)} to run")
+    info["fits_run"], info["fits_reused"] = len(pending), len(jobs) - len(pending)
     while pending:
-        done_now, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
+        _, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
         log("analyse", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
                        f"({time.perf_counter() - t0:.1f} s)")
-    for base, future in jobs:
-        for metric, value in ray.get(future).items():
+    for base, key, future in jobs:
+        if future is not None:
+            cache[key] = ray.get(future)
+        for metric, value in cache[key].items():
             rows.append({**base, "metric": metric, "value": value})
+    keys = [key for _, key, _ in jobs]
+    store.write_table(store.path("results", "fits.parquet"), pa.table({
+        "key": keys, "values": [json.dumps(cache[k], sort_keys=True) for k in keys]}))
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     results["order"] = results["order"].astype("Int64")
     store.write_bytes(store.path("results", "reconstruction.csv"),

@@ -52,8 +52,10 @@ def job(tmp_path_factory):
     first = run(config, quiet=True)
     csv_first = (root / "out" / "results" / "reconstruction.csv").read_bytes()
     second = run(config, quiet=True)
+    (root / "out" / "results" / "fits.parquet").unlink()  # the fits again, from the latents
+    third = run(config, quiet=True)
     yield {"config": config, "out": root / "out", "first": first, "second": second,
-           "frames": frames, "csv_first": csv_first}
+           "third": third, "frames": frames, "csv_first": csv_first}
     ray.shutdown()
 
 
@@ -169,9 +171,12 @@ def test_rerun_does_no_extraction_and_gives_identical_results(job):
     first, second = job["first"]["extraction"], job["second"]["extraction"]
     assert first["ran"] == 2 * 3 and first["skipped"] == 0  # 120 structures, shards of 50
     assert second["ran"] == 0 and second["skipped"] == 6
+    assert job["first"]["analysis"]["fits_run"] == 4  # 2 ordered pairs x 2 levels
+    assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
+    assert job["third"]["analysis"]["fits_run"] == 4
     csv = (job["out"] / "results" / "reconstruction.csv").read_bytes()
     assert csv.count(b"\n") == 1 + 2 * 2 * 2  # header + metrics x levels x ordered pairs
-    assert csv == job["csv_first"]  # the second run's fits, from the same latents: same bytes
+    assert csv == job["csv_first"]  # the third run fitted again from the latents: same bytes
 
 
 def test_report_shows_every_figure_with_provenance(job):
