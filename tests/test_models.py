@@ -323,6 +323,19 @@ def test_unknown_checkpoints_are_refused_without_download():
         load_adapter("chgnet", "0.1.0")
 
 
+def test_chgnet_checkpoint_by_path_equals_by_name(structures):
+    """A file path loads like the packaged name, 0.2.0 included (its mlp_out biases)."""
+    by_name = load_adapter("chgnet", "0.2.0")
+    by_path = load_adapter("chgnet", by_name.info.checkpoint_file)
+    assert by_path.info.checkpoint_sha256 == by_name.info.checkpoint_sha256
+    assert by_path.info.cutoff == by_name.info.cutoff == 5.0
+    frames = structures[:2]
+    a = by_name.forward([by_name.prepare(s) for s in frames], ["all"])
+    b = by_path.forward([by_path.prepare(s) for s in frames], ["all"])
+    for layer in a:
+        np.testing.assert_array_equal(a[layer], b[layer], err_msg=layer)
+
+
 PACKAGED = [
     ("chgnet", "0.3.0", None, 4, 64),
     ("chgnet", "0.2.0", None, 4, 64),

@@ -3,8 +3,6 @@ cluster, checked against independent references (skmatter, sklearn's split, scip
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -18,7 +16,6 @@ from sklearn.model_selection import train_test_split
 from latentray.cli import main
 from latentray.config import parse_config
 from latentray.datasets import resolve_paths
-from latentray.store import features_matrix
 
 pytestmark = pytest.mark.slow
 

@@ -73,6 +73,38 @@ def resolve_layers(requested: Sequence[str], available: Sequence[str]) -> list[s
     return [name for name in available if name in wanted]
 
 
+def check_geometry(atoms: Any) -> None:
+    """Raise StructureError for NaN/inf positions or cell, empty structure, degenerate periodic cell."""
+    n = len(atoms)
+    if n == 0:
+        raise StructureError("structure has no atoms")
+    positions = atoms.positions
+    if not np.isfinite(positions).all():
+        raise StructureError("non-finite (NaN or inf) atomic positions")
+    cell = np.asarray(atoms.cell[:], dtype=float)
+    if not np.isfinite(cell).all():
+        raise StructureError("non-finite (NaN or inf) cell")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.all():
+        volume = abs(float(np.linalg.det(cell)))
+        if volume < 1e-6:
+            raise StructureError(f"zero-volume periodic cell (volume {volume:.3g} A^3)")
+    elif pbc.any():
+        vectors = cell[pbc]
+        if (np.linalg.norm(vectors, axis=1) < 1e-6).any() or (
+            len(vectors) == 2 and np.linalg.norm(np.cross(vectors[0], vectors[1])) < 1e-6
+        ):
+            raise StructureError("degenerate cell vector along a periodic direction")
+
+
+def with_aliases(out: dict[str, np.ndarray], requested: Sequence[str],
+                  available: Sequence[str]) -> dict[str, np.ndarray]:
+    """Results are keyed by concrete layer names; a requested ``bb`` is also a key."""
+    if "bb" in requested:
+        out["bb"] = out[[n for n in available if n.startswith("bb")][-1]]
+    return out
+
+
 class ModelAdapter(ABC):
     """Load one checkpoint; turn structures into per-atom invariant features.
 
@@ -95,9 +127,22 @@ class ModelAdapter(ABC):
         self.dtype = dtype
         self.modality = modality
 
+    # set by each family's __init__: the checkpoint file read, the cutoff (Angstrom), the
+    # layers with their widths in model order, the supported atomic numbers (None: all)
+    _file: str
+    _cutoff: float
+    _widths: dict[str, int]
+    _supported: frozenset[int] | None
+    _sha256: str | None = None
+
     @property
-    @abstractmethod
-    def info(self) -> ModelInfo: ...
+    def info(self) -> ModelInfo:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self._file)
+        return ModelInfo(family=self.family, checkpoint=self.checkpoint,
+                         checkpoint_file=self._file, checkpoint_sha256=self._sha256,
+                         cutoff=self._cutoff, layer_widths=dict(self._widths),
+                         supported_numbers=self._supported)
 
     def check(self, numbers: np.ndarray) -> None:
         """Raise :class:`StructureError` if an element is not supported."""

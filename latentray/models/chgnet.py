@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import ModelAdapter, ModelInfo, StructureError, file_sha256, resolve_layers
+from .base import (ModelAdapter, StructureError, check_geometry,
+                   resolve_layers, with_aliases)
 
 PACKAGED = ("0.3.0", "0.2.0", "r2scan")
 
@@ -42,36 +43,20 @@ class _Stop(Exception):
     """Raised by the hook of the last requested layer to end the forward pass."""
 
 
-def _check_geometry(atoms: Any) -> None:
-    """NaN/inf positions or cell, empty structure, degenerate periodic cell."""
-    n = len(atoms)
-    if n == 0:
-        raise StructureError("structure has no atoms")
-    positions = atoms.positions
-    if not np.isfinite(positions).all():
-        raise StructureError("non-finite (NaN or inf) atomic positions")
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    if not np.isfinite(cell).all():
-        raise StructureError("non-finite (NaN or inf) cell")
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    if pbc.all():
-        volume = abs(float(np.linalg.det(cell)))
-        if volume < 1e-6:
-            raise StructureError(f"zero-volume periodic cell (volume {volume:.3g} A^3)")
-    elif pbc.any():
-        vectors = cell[pbc]
-        if (np.linalg.norm(vectors, axis=1) < 1e-6).any() or (
-            len(vectors) == 2 and np.linalg.norm(np.cross(vectors[0], vectors[1])) < 1e-6
-        ):
-            raise StructureError("degenerate cell vector along a periodic direction")
+def _from_file(cls: Any, path: str) -> Any:
+    """``CHGNet.from_file``, with tensors-only unpickling and CHGNet.load's 0.2.0 fix.
 
-
-def _with_aliases(out: dict[str, np.ndarray], requested: Sequence[str],
-                  available: Sequence[str]) -> dict[str, np.ndarray]:
-    """Results are keyed by concrete layer names; a requested ``bb`` is also a key."""
-    if "bb" in requested:
-        out["bb"] = out[[n for n in available if n.startswith("bb")][-1]]
-    return out
+    The 0.2.0 weights have biases in their ``mlp_out`` layers, which ``CHGNet.load`` asks
+    for with ``mlp_out_bias=True`` but ``from_file`` does not: ``from_file`` fails on that
+    very file. The flag is read here from the state dict itself.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    dct = state["model"] if "model" in state else state
+    kwargs = {}
+    if "mlp_out_bias" not in dct["model_args"]:
+        kwargs["mlp_out_bias"] = any(".mlp_out.layers." in key and key.endswith(".bias")
+                                     for key in dct["state_dict"])
+    return cls.from_dict(dct, **kwargs)
 
 
 class CHGNetAdapter(ModelAdapter):
@@ -107,7 +92,7 @@ class CHGNetAdapter(ModelAdapter):
                 model = CHGNet.load(model_name=checkpoint, use_device=device, verbose=False)
             elif Path(checkpoint).is_file():
                 self._file = str(Path(checkpoint).resolve())
-                model = CHGNet.from_file(self._file)
+                model = _from_file(CHGNet, self._file)
             else:
                 raise ValueError(
                     f"unknown CHGNet checkpoint {checkpoint!r}: neither a packaged model "
@@ -119,7 +104,6 @@ class CHGNetAdapter(ModelAdapter):
             # float32 (AtomRef casts it), so it stays float32 when the model runs in float64.
             model.composition_model.float()
         self.model = model
-        self._sha256: str | None = None
 
         # Layer -> (module, kind): kind "out" records the module's output, "in" its input.
         convs = list(model.atom_conv_layers)
@@ -142,20 +126,6 @@ class CHGNetAdapter(ModelAdapter):
     # -- description ---------------------------------------------------------------
 
     @property
-    def info(self) -> ModelInfo:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self._file)
-        return ModelInfo(
-            family=self.family,
-            checkpoint=self.checkpoint,
-            checkpoint_file=self._file,
-            checkpoint_sha256=self._sha256,
-            cutoff=self._cutoff,
-            layer_widths=dict(self._widths),
-            supported_numbers=self._supported,
-        )
-
-    @property
     def notes(self) -> str:
         if "ll" in self._widths:
             return ""
@@ -167,7 +137,7 @@ class CHGNetAdapter(ModelAdapter):
     def prepare(self, atoms: Any) -> Any:
         """ase.Atoms -> CHGNet CrystalGraph (on CPU), or StructureError."""
         self.check(atoms.numbers)
-        _check_geometry(atoms)
+        check_geometry(atoms)
         from ase import Atoms
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -215,10 +185,11 @@ class CHGNetAdapter(ModelAdapter):
     # -- batched forward ---------------------------------------------------------------
 
     def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """One batched pass; not re-entrant (its hooks live for the call): one at a time."""
         names = resolve_layers(layers, self._layers)
         if len(prepared) == 0:
             empty = {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
-            return _with_aliases(empty, layers, self._layers)
+            return with_aliases(empty, layers, self._layers)
         captured: dict[str, torch.Tensor] = {}
         last = names[-1]
         handles = []
@@ -256,4 +227,4 @@ class CHGNetAdapter(ModelAdapter):
         if missing:  # pragma: no cover - would mean the model's code path changed
             raise RuntimeError(f"CHGNet forward did not reach layer(s) {missing}")
         out = {n: captured[n].detach().to("cpu", self._torch_dtype).numpy() for n in names}
-        return _with_aliases(out, layers, self._layers)
+        return with_aliases(out, layers, self._layers)

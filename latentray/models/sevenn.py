@@ -28,36 +28,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import ModelAdapter, ModelInfo, StructureError, file_sha256, resolve_layers
+from .base import (ModelAdapter, StructureError, check_geometry,
+                   resolve_layers, with_aliases)
 
 PACKAGED = ("7net-0", "7net-0_22may2024", "7net-l3i5", "7net-mf-0")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GATE = re.compile(r"^(\d+)_equivariant_gate$")
-
-
-def _check_geometry(atoms: Any) -> None:
-    """NaN/inf positions or cell, empty structure, degenerate periodic cell."""
-    n = len(atoms)
-    if n == 0:
-        raise StructureError("structure has no atoms")
-    positions = atoms.positions
-    if not np.isfinite(positions).all():
-        raise StructureError("non-finite (NaN or inf) atomic positions")
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    if not np.isfinite(cell).all():
-        raise StructureError("non-finite (NaN or inf) cell")
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    if pbc.all():
-        volume = abs(float(np.linalg.det(cell)))
-        if volume < 1e-6:
-            raise StructureError(f"zero-volume periodic cell (volume {volume:.3g} A^3)")
-    elif pbc.any():
-        vectors = cell[pbc]
-        if (np.linalg.norm(vectors, axis=1) < 1e-6).any() or (
-            len(vectors) == 2 and np.linalg.norm(np.cross(vectors[0], vectors[1])) < 1e-6
-        ):
-            raise StructureError("degenerate cell vector along a periodic direction")
 
 
 def scalar_channels(irreps: Any) -> slice | list[int]:
@@ -75,14 +52,6 @@ def scalar_channels(irreps: Any) -> slice | list[int]:
     if columns == list(range(columns[0], columns[-1] + 1)):
         return slice(columns[0], columns[-1] + 1)
     return columns
-
-
-def _with_aliases(out: dict[str, np.ndarray], requested: Sequence[str],
-                  available: Sequence[str]) -> dict[str, np.ndarray]:
-    """Results are keyed by concrete layer names; a requested ``bb`` is also a key."""
-    if "bb" in requested:
-        out["bb"] = out[[n for n in available if n.startswith("bb")][-1]]
-    return out
 
 
 class SevenNetAdapter(ModelAdapter):
@@ -117,7 +86,6 @@ class SevenNetAdapter(ModelAdapter):
         model.set_is_batch_data(True)
         model = model.to(device=device, dtype=self._torch_dtype).eval()
         self.model = model
-        self._sha256: str | None = None
         self._cutoff = float(cp.config[KEY.CUTOFF])
         self._supported = frozenset(int(z) for z in model.type_map)
 
@@ -183,26 +151,12 @@ class SevenNetAdapter(ModelAdapter):
 
     # -- description ---------------------------------------------------------------
 
-    @property
-    def info(self) -> ModelInfo:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self._file)
-        return ModelInfo(
-            family=self.family,
-            checkpoint=self.checkpoint,
-            checkpoint_file=self._file,
-            checkpoint_sha256=self._sha256,
-            cutoff=self._cutoff,
-            layer_widths=dict(self._widths),
-            supported_numbers=self._supported,
-        )
-
     # -- graph building --------------------------------------------------------------
 
     def prepare(self, atoms: Any) -> Any:
         """ase.Atoms -> sevenn AtomGraphData (on CPU), or StructureError."""
         self.check(atoms.numbers)
-        _check_geometry(atoms)
+        check_geometry(atoms)
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
 
@@ -232,7 +186,7 @@ class SevenNetAdapter(ModelAdapter):
         names = resolve_layers(layers, self._layers)
         if len(prepared) == 0:
             empty = {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
-            return _with_aliases(empty, layers, self._layers)
+            return with_aliases(empty, layers, self._layers)
         from torch_geometric.data import Batch
 
         KEY = self._KEY
@@ -262,4 +216,4 @@ class SevenNetAdapter(ModelAdapter):
                 if module_name == stop:
                     break
         out = {n: captured[n].to("cpu", self._torch_dtype).contiguous().numpy() for n in names}
-        return _with_aliases(out, layers, self._layers)
+        return with_aliases(out, layers, self._layers)
