@@ -213,11 +213,12 @@ def run(config: Config, *, limit: int | None = None, address: str | None = None,
     extraction = run_extraction(config, store, ray, log, limit=limit)
     with log.timed("analyse"):
         results, analysis_info = run_analysis(config, store, extraction, log)
+    run_provenance = provenance(config, extraction, limit)
     with log.timed("report"):
         report_path = write_report(config, store, results, extraction, analysis_info,
-                                   provenance(config, extraction, limit), log)
+                                   run_provenance, log)
     summary = {
-        "provenance": provenance(config, extraction, limit),
+        "provenance": run_provenance,
         "extraction": extraction["totals"],
         "analysis": analysis_info,
         "seconds": log.seconds,

@@ -17,7 +17,6 @@ and DuckDB's ``*.parquet`` globs both skip the temporary names.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import uuid
@@ -136,10 +135,6 @@ class Store:
             return {}
         return {k.decode(): v.decode() for k, v in meta.items()}
 
-    def open_output(self, path: str):
-        directory = posixpath.dirname(path)
-        self.fs.create_dir(directory, recursive=True)
-        return self.fs.open_output_stream(path)
 
 
 def latent_table(structure_id: np.ndarray, structure_index: np.ndarray, n_atoms: np.ndarray,
@@ -175,9 +170,3 @@ def features_matrix(column: pa.ChunkedArray | pa.Array, width: int | None = None
     if len(values) != n * width:
         raise ValueError(f"ragged features column: {len(values)} values for {n} rows of width {width}")
     return values.reshape(n, width)
-
-
-def table_bytes_csv(df) -> bytes:
-    buffer = io.StringIO()
-    df.to_csv(buffer, index=False)
-    return buffer.getvalue().encode()
