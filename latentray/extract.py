@@ -100,7 +100,6 @@ class ExtractionWorker:
         t_load = time.perf_counter() - t0
         store = Store(output)
         n = len(shard)
-        ok = np.zeros(n, dtype=bool)
         reasons: dict[int, tuple[str, str]] = {}
         outputs: dict[int, dict[str, np.ndarray]] = {}
         timings = {"load": t_load, "prepare": 0.0, "forward": 0.0, "write": 0.0}
@@ -151,7 +150,6 @@ class ExtractionWorker:
 
         t = time.perf_counter()
         done = np.array(sorted(outputs), dtype=np.int64)
-        ok[done] = True
         offsets = shard.offsets
         atom_rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in done]) \
             if len(done) else np.zeros(0, np.int64)
@@ -179,12 +177,12 @@ class ExtractionWorker:
             posixpath.join(store.failures_dir(shard.dataset, model.id), store.part(shard.shard)),
             failures)
         timings["write"] = time.perf_counter() - t
-        if int(ok.sum()) + len(failed) != n:
-            raise RuntimeError(f"{model.id}: {n} structures in, {int(ok.sum())} out + "
+        if len(done) + len(failed) != n:
+            raise RuntimeError(f"{model.id}: {n} structures in, {len(done)} out + "
                                f"{len(failed)} failed")
         return {
             "structures": n,
-            "processed": int(ok.sum()),
+            "processed": len(done),
             "failed": len(failed),
             "atoms": int(shard.n_atoms[done].sum()),
             "files": files,

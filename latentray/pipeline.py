@@ -165,10 +165,9 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
                 actor, (m, dataset, number, ref, inputs) = running.pop(future)
                 idle.append(actor)
                 result = ray.get(future)
-                rel = {k: v for k, v in result["files"].items()}
                 store.write_json(store.manifest_path(dataset, m.id, number), {
                     "inputs": inputs,
-                    "outputs": {"files": rel, "structures": result["structures"],
+                    "outputs": {"files": result["files"], "structures": result["structures"],
                                 "processed": result["processed"], "failed": result["failed"],
                                 "atoms": result["atoms"]},
                     "seconds": result["seconds"],
