@@ -1,0 +1,587 @@
+"""Reconstruction measures at scale: GFRE, GFRD, LFRE and linear CKA from mergeable statistics.
+
+The rows of ``X`` (source) and ``Y`` (target) arrive in blocks (a dataset shard, a row group)
+that are never held together. Four passes over the blocks, each a set of independent block
+tasks whose small results are tree-reduced (:class:`SerialExecutor` in one process,
+:class:`RayExecutor` as Ray tasks):
+
+1. **ids**: the split (:class:`HashSplit` at scale, :class:`IndexSplit` for given index sets)
+   sees only the rows' ids and labels, and fixes which rows are test, fold 1, fold 2.
+2. **statistics**: per block and fold, the R factor of ``[1 | A - c]`` with ``A = [X | Y]``
+   and ``c`` the block's column means (:class:`CentredQR`); two states merge by shifting both to
+   a common ``c`` (``R[:, 1:] += R[:, :1] (c_old - c_new)``, exact) and re-factorising the
+   stacked factors. The test rows (few) are gathered as they are. From the reduced states the
+   driver gets the train means ``m = c + (r_0 . R[:, 1:]) / (r_0 . r_0)`` (``r_0`` the ones
+   column of R), the R factor of each fold centred on ``m`` (``qr(R[:, 1:] - R[:, :1] (m - c))``),
+   the scales ``sqrt(||R_c,x||_F^2 / n_train)``, and then exactly the fit of
+   :mod:`latentray.reconstruction` (2-fold cutoff CV from R factors; singular values are never
+   squared, so the relative cutoff of 1e-9 survives in float64).
+3. **neighbours** (LFRE): per block, the ``k`` nearest train rows of every scaled test row
+   (skmatter's ``|a|^2 + |b|^2 - 2 a.b``), merged by (distance, row number).
+4. **gather** (LFRE): the ``<= n_test * k`` neighbour rows, then the local fits.
+
+Linear CKA (Kornblith et al., 2019) comes from the same train R factor: with ``X``, ``Y`` the
+centred train rows, ``CKA = ||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` and ``X^T Y = R_x^T R_y``.
+
+Given the same index sets (:class:`IndexSplit` with skmatter's folds) the numbers equal the
+in-memory ones (and so skmatter's) to rounding. Memory: one block at a time per task, plus
+``O((dx + dy)^2)`` per state and the test rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from .reconstruction import (
+    DEFAULT_ALPHAS,
+    DEFAULT_RANDOM_STATE,
+    _BLOCK_ELEMENTS,
+    _EPS,
+    _ZERO_VARIANCE_ATOL,
+    _cutoff_cv_from_r,
+    _local_errors_default,
+    _padded_procrustes,
+    _r_factor,
+    _two_folds,
+)
+
+__all__ = [
+    "TEST", "FOLD1", "FOLD2", "Block", "ArraySource", "BlockSource", "CentredQR", "HashSplit",
+    "IndexSplit", "RayExecutor", "ScaleResult", "SerialExecutor", "reconstruction_at_scale",
+    "linear_cka", "split_keys",
+]
+
+#: Row labels of a split; rows labelled -1 take no part.
+TEST, FOLD1, FOLD2 = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# blocks of rows and where they come from
+
+
+@dataclass
+class Block:
+    """Aligned rows of the source and the target, and what identifies them."""
+
+    X: np.ndarray  # (n, dx)
+    Y: np.ndarray  # (n, dy)
+    row: np.ndarray  # (n,) int64: global row number (dataset order)
+    ids: dict[str, np.ndarray]  # structure_id, atom_index, stratum (or None): for the split
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # per-row labels (Z, subset)
+
+
+class BlockSource(Protocol):
+    """Rows in blocks. ``ids(i)``: ``{"structure_id", "atom_index", "stratum"}`` (cheap, no
+    features); ``read(i, offset)``: the :class:`Block` whose rows are numbered from ``offset``."""
+
+    n_blocks: int
+
+    def ids(self, i: int) -> dict[str, np.ndarray]: ...
+
+    def read(self, i: int, offset: int) -> Block: ...
+
+
+class ArraySource:
+    """In-memory ``X``, ``Y`` cut into blocks of ``block_rows`` (tests, benchmarks).
+
+    ``structure_id`` defaults to the row number as text (each row its own structure).
+    """
+
+    def __init__(self, X, Y, block_rows: int = 65536, structure_id=None, atom_index=None,
+                 stratum=None, groups: dict[str, np.ndarray] | None = None):
+        self.X, self.Y = np.asarray(X), np.asarray(Y)
+        if self.X.shape[0] != self.Y.shape[0]:
+            raise ValueError("X and Y must have the same number of rows")
+        n = len(self.X)
+        self.block_rows = int(block_rows)
+        self.n_blocks = max(1, -(-n // self.block_rows))
+        self.structure_id = (np.arange(n).astype(str) if structure_id is None
+                             else np.asarray(structure_id))
+        self.atom_index = np.zeros(n, np.int64) if atom_index is None else np.asarray(atom_index)
+        self.stratum = None if stratum is None else np.asarray(stratum)
+        self.groups = groups or {}
+
+    def _slice(self, i: int) -> slice:
+        return slice(i * self.block_rows, min((i + 1) * self.block_rows, len(self.X)))
+
+    def ids(self, i: int) -> dict[str, np.ndarray]:
+        s = self._slice(i)
+        return {"structure_id": self.structure_id[s], "atom_index": self.atom_index[s],
+                "stratum": None if self.stratum is None else self.stratum[s]}
+
+    def read(self, i: int, offset: int) -> Block:
+        s = self._slice(i)
+        return Block(X=self.X[s], Y=self.Y[s], row=offset + np.arange(s.stop - s.start),
+                     ids=self.ids(i), groups={k: np.asarray(v)[s] for k, v in self.groups.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# splits
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (a bijection of uint64 with good avalanche)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def split_keys(structure_id, atom_index, seed: int) -> np.ndarray:
+    """A 64-bit key per row that depends only on (seed, structure id, atom index).
+
+    ``blake2b(seed, structure_id)`` (8 bytes) mixed with the atom index by splitmix64: the same
+    row gets the same key whatever the shard layout, the row order or the other rows.
+    """
+    structure_id = np.asarray(structure_id)
+    if len(structure_id) == 0:
+        return np.zeros(0, np.uint64)
+    uniq, inverse = np.unique(structure_id, return_inverse=True)
+    prefix = f"{int(seed)}\x00".encode()
+    h = np.array([int.from_bytes(hashlib.blake2b(prefix + str(s).encode(), digest_size=8)
+                                 .digest(), "little") for s in uniq], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        atom = np.asarray(atom_index, dtype=np.int64).astype(np.uint64) + np.uint64(1)
+    return _splitmix64(h[inverse.reshape(-1)] ^ _splitmix64(atom))
+
+
+def _quotas(counts: dict[Any, int], n_test: int) -> dict[Any, int]:
+    """``n_test`` shared out in proportion to ``counts`` (largest remainder; ties: first key)."""
+    total = sum(counts.values())
+    exact = {s: n_test * c / total for s, c in counts.items()}
+    quota = {s: int(np.floor(e)) for s, e in exact.items()}
+    rest = n_test - sum(quota.values())
+    for s in sorted(counts, key=lambda s: (-(exact[s] - quota[s]), str(s)))[:rest]:
+        quota[s] += 1
+    return quota
+
+
+class HashSplit:
+    """The split at scale: test / fold 1 / fold 2 from each row's 64-bit :func:`split_keys`.
+
+    Test rows: the ``n_test`` rows of smallest key, shared out over the strata (subsets) in
+    proportion to their sizes (largest remainder) when ``stratified``; fold: the key's lowest
+    bit (fold 1 if 0). Needs one pass over the ids, keeping per stratum the row count and the
+    ``n_test`` smallest keys, never one entry per row. Equal keys (probability about
+    ``N^2 / 2^64``) would both fall on the same side of a threshold. ``at_most_half``: the test
+    set is at most half the rows (the structure-level rule of the paper's protocol).
+    """
+
+    def __init__(self, n_test: int, seed: int = 0, stratified: bool = True,
+                 at_most_half: bool = False):
+        if int(n_test) <= 0:
+            raise ValueError(f"n_test must be positive, got {n_test}")
+        self.n_test, self.seed = int(n_test), int(seed)
+        self.stratified, self.at_most_half = bool(stratified), bool(at_most_half)
+        self.thresholds: dict[Any, np.uint64] | None = None
+
+    def _strata(self, ids) -> np.ndarray:
+        n = len(ids["structure_id"])
+        if not self.stratified or ids.get("stratum") is None:
+            return np.zeros(n, dtype=object)
+        return np.asarray(ids["stratum"], dtype=object)
+
+    def summarise(self, ids) -> dict[Any, tuple[int, np.ndarray]]:
+        """Per stratum of one block: (row count, its ``n_test`` smallest keys, sorted)."""
+        keys = split_keys(ids["structure_id"], ids["atom_index"], self.seed)
+        strata = self._strata(ids)
+        out = {}
+        for s in dict.fromkeys(strata.tolist()):
+            k = keys[strata == s]
+            out[s] = (len(k), np.sort(k)[: self.n_test])
+        return out
+
+    def merge(self, *summaries) -> dict[Any, tuple[int, np.ndarray]]:
+        """Summaries of several blocks as one: counts add, the ``n_test`` smallest keys stay."""
+        out: dict[Any, tuple[int, np.ndarray]] = {}
+        for summary in summaries:
+            for s, (count, keys) in summary.items():
+                if s in out:
+                    c0, k0 = out[s]
+                    out[s] = (c0 + count, np.sort(np.concatenate([k0, keys]))[: self.n_test])
+                else:
+                    out[s] = (count, keys)
+        return out
+
+    def resolve(self, summary) -> "HashSplit":
+        """Fix the per-stratum key thresholds from the merged summary of every block."""
+        n_rows = sum(c for c, _ in summary.values())
+        n_test = self.n_test
+        if self.at_most_half and n_rows < 2 * n_test:
+            n_test = n_rows // 2
+        if n_test <= 0 or n_test >= n_rows:
+            raise ValueError(f"n_test={n_test} leaves no training rows (or no test rows) out "
+                             f"of {n_rows} rows")
+        quota = _quotas({s: c for s, (c, _) in summary.items()}, n_test)
+        self.thresholds = {s: summary[s][1][q - 1] for s, q in quota.items() if q > 0}
+        self.n_rows, self.n_test_resolved = n_rows, n_test
+        return self
+
+    def labels(self, block: Block) -> np.ndarray:
+        if self.thresholds is None:
+            raise RuntimeError("HashSplit.resolve() must run before labels()")
+        ids = block.ids
+        keys = split_keys(ids["structure_id"], ids["atom_index"], self.seed)
+        strata = self._strata(ids)
+        out = (FOLD1 + (keys & np.uint64(1))).astype(np.int8)
+        for s, threshold in self.thresholds.items():
+            out[(strata == s) & (keys <= threshold)] = TEST
+        return out
+
+
+class IndexSplit:
+    """Given index sets, as the in-memory measures (and skmatter) use them.
+
+    ``train_idx`` in its given order is cut into skmatter's two folds
+    (``KFold(2, shuffle=True, random_state=0x5F3759DF)``); rows in neither set take no part.
+    Holds one int8 per row: for sizes where that is fine.
+    """
+
+    def __init__(self, n_rows: int, train_idx, test_idx, random_state=DEFAULT_RANDOM_STATE):
+        train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
+        self._labels = np.full(int(n_rows), -1, dtype=np.int8)
+        self._labels[test_idx] = TEST
+        fold1, fold2 = _two_folds(len(train_idx), random_state, True)
+        self._labels[train_idx[fold1]] = FOLD1
+        self._labels[train_idx[fold2]] = FOLD2
+
+    def labels(self, block: Block) -> np.ndarray:
+        return self._labels[block.row]
+
+
+# --------------------------------------------------------------------------------------------
+# mergeable statistics
+
+
+@dataclass
+class CentredQR:
+    """Rows of a matrix ``A`` (``n x p``) as the R factor of ``[1 | A - shift]``.
+
+    ``R^T R = [[n, s^T], [s, G]]`` with ``s`` the column sums and ``G`` the cross products of
+    ``A - shift``: enough for the means and for the R factor of ``A`` centred anywhere, without
+    ever forming ``G``.
+    """
+
+    R: np.ndarray  # (<= p + 1, p + 1)
+    shift: np.ndarray  # (p,)
+    n: int
+
+    @classmethod
+    def of(cls, A: np.ndarray) -> "CentredQR":
+        A = np.asarray(A, dtype=np.float64)
+        shift = A.mean(axis=0) if len(A) else np.zeros(A.shape[1])
+        return cls(R=_r_factor(np.concatenate([np.ones((len(A), 1)), A - shift], axis=1)),
+                   shift=shift, n=len(A))
+
+    def shifted(self, shift: np.ndarray) -> np.ndarray:
+        """R factor of ``[1 | A - shift]`` (the same ``Q``): exact, no re-factorisation."""
+        R = self.R.copy()
+        R[:, 1:] += R[:, :1] * (self.shift - shift)[None, :]
+        return R
+
+    @classmethod
+    def merge(cls, *states: "CentredQR") -> "CentredQR":
+        states = tuple(s for s in states if s.n)
+        if not states:
+            raise ValueError("nothing to merge: no rows")
+        if len(states) == 1:
+            return states[0]
+        n = sum(s.n for s in states)
+        shift = sum(s.n * s.shift for s in states) / n
+        return cls(R=_r_factor(np.concatenate([s.shifted(shift) for s in states])),
+                   shift=shift, n=n)
+
+    def mean(self) -> np.ndarray:
+        ones = self.R[:, 0]
+        return self.shift + ones @ self.R[:, 1:] / (ones @ ones)
+
+    def centred(self, mean: np.ndarray) -> np.ndarray:
+        """R factor (at most ``p x p``) of ``A - mean``."""
+        return _r_factor(self.shifted(mean)[:, 1:])
+
+
+@dataclass
+class _TestRows:
+    A: np.ndarray  # (t, dx + dy) float64, unscaled
+    row: np.ndarray
+    groups: dict[str, np.ndarray]
+
+    @staticmethod
+    def concat(parts: Sequence["_TestRows"]) -> "_TestRows":
+        names = set().union(*(p.groups for p in parts))
+        return _TestRows(A=np.concatenate([p.A for p in parts]),
+                         row=np.concatenate([p.row for p in parts]),
+                         groups={g: np.concatenate([p.groups[g] for p in parts]) for g in names})
+
+
+@dataclass
+class _Statistics:
+    folds: list[CentredQR | None]  # fold 1, fold 2
+    test: _TestRows
+    dx: int
+
+    @staticmethod
+    def merge(*parts: "_Statistics") -> "_Statistics":
+        folds = []
+        for f in range(2):
+            states = [p.folds[f] for p in parts if p.folds[f] is not None]
+            folds.append(CentredQR.merge(*states) if states else None)
+        return _Statistics(folds=folds, test=_TestRows.concat([p.test for p in parts]),
+                           dx=parts[0].dx)
+
+
+def _finite_rows(block: Block, where: str) -> np.ndarray:
+    A = np.concatenate([np.asarray(block.X, dtype=np.float64),
+                        np.asarray(block.Y, dtype=np.float64)], axis=1)
+    bad = ~np.all(np.isfinite(A), axis=1)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} rows with NaN or infinite values "
+                         f"(first: row {int(block.row[bad][0])})")
+    return A
+
+
+def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
+    block = source.read(i, offset)
+    labels = split.labels(block)
+    A = _finite_rows(block, f"block {i}")
+    folds = [CentredQR.of(A[labels == f]) if np.any(labels == f) else None
+             for f in (FOLD1, FOLD2)]
+    test = labels == TEST
+    return _Statistics(folds=folds, test=_TestRows(
+        A=A[test], row=block.row[test], groups={g: v[test] for g, v in block.groups.items()}),
+        dx=block.X.shape[1])
+
+
+def _block_ids(source, i: int, split) -> tuple[int, Any]:
+    ids = source.ids(i)
+    return len(ids["structure_id"]), (split.summarise(ids) if hasattr(split, "summarise")
+                                      else None)
+
+
+# --------------------------------------------------------------------------------------------
+# executors: where block tasks run
+
+
+class SerialExecutor:
+    """Block tasks in this process, one after the other."""
+
+    def put(self, obj):
+        return obj
+
+    def map(self, fn: Callable, arg_lists: Sequence[tuple]) -> list:
+        return [fn(*args) for args in arg_lists]
+
+    def get(self, handles: list) -> list:
+        return handles
+
+    def reduce(self, fn: Callable, handles: list, fan_in: int = 8):
+        while len(handles) > 1:
+            handles = [fn(*handles[i: i + fan_in]) for i in range(0, len(handles), fan_in)]
+        return handles[0]
+
+
+def _one_blas_thread(fn: Callable) -> Callable:
+    def run(*args):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args)
+
+    run.__name__ = fn.__name__
+    return run
+
+
+class RayExecutor:
+    """Block tasks as Ray tasks (1 CPU and one BLAS thread each); results tree-reduced in tasks."""
+
+    def __init__(self, num_cpus: float = 1):
+        import ray
+
+        self._ray, self._num_cpus = ray, num_cpus
+
+    def _remote(self, fn):
+        return self._ray.remote(num_cpus=self._num_cpus)(_one_blas_thread(fn))
+
+    def put(self, obj):
+        return self._ray.put(obj)
+
+    def map(self, fn, arg_lists):
+        remote = self._remote(fn)
+        return [remote.remote(*args) for args in arg_lists]
+
+    def get(self, handles):
+        return self._ray.get(list(handles))
+
+    def reduce(self, fn, handles, fan_in: int = 8):
+        remote = self._remote(fn)
+        while len(handles) > 1:
+            handles = [remote.remote(*handles[i: i + fan_in])
+                       for i in range(0, len(handles), fan_in)]
+        return self._ray.get(handles[0])
+
+
+# --------------------------------------------------------------------------------------------
+# neighbours for LFRE
+
+
+def _merge_neighbours(*parts: tuple[np.ndarray, np.ndarray, int]):
+    """Keep, per test row, the ``k`` smallest (squared distance, row number) pairs."""
+    k = parts[0][2]
+    d2 = np.concatenate([p[0] for p in parts], axis=1)
+    rows = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((rows, d2), axis=1)[:, :k]
+    return np.take_along_axis(d2, order, axis=1), np.take_along_axis(rows, order, axis=1), k
+
+
+def _block_neighbours(source, i, offset, split, scaling, test_x, k):
+    """The ``k`` nearest train rows of this block for every scaled test row."""
+    block = source.read(i, offset)
+    train = np.isin(split.labels(block), (FOLD1, FOLD2))
+    mean, sx = scaling[0], scaling[1]
+    dx = test_x.shape[1]
+    Xs = (np.asarray(block.X[train], dtype=np.float64) - mean[:dx]) / sx
+    rows = block.row[train]
+    kk = min(k, len(rows))
+    if kk == 0:
+        return np.empty((len(test_x), 0)), np.empty((len(test_x), 0), np.int64), k
+    d2_out = np.empty((len(test_x), kk))
+    row_out = np.empty((len(test_x), kk), dtype=np.int64)
+    sq_train = np.sum(Xs**2, axis=1)
+    chunk = max(1, _BLOCK_ELEMENTS // max(len(rows), 1))
+    for start in range(0, len(test_x), chunk):
+        q = test_x[start: start + chunk]
+        d2 = sq_train + np.sum(q**2, axis=1)[:, None] - 2 * q @ Xs.T
+        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk] if kk < len(rows) else \
+            np.broadcast_to(np.arange(len(rows)), d2.shape)
+        d2_out[start: start + len(q)] = np.take_along_axis(d2, part, axis=1)
+        row_out[start: start + len(q)] = rows[part]
+    return _merge_neighbours((d2_out, row_out, k))
+
+
+def _block_gather(source, i, offset, split, wanted: np.ndarray):
+    block = source.read(i, offset)
+    take = np.isin(block.row, wanted)
+    A = np.concatenate([np.asarray(block.X[take], dtype=np.float64),
+                        np.asarray(block.Y[take], dtype=np.float64)], axis=1)
+    return block.row[take], A
+
+
+# --------------------------------------------------------------------------------------------
+# the measures
+
+
+def linear_cka(R: np.ndarray, dx: int) -> float:
+    """Linear CKA of the columns ``[:dx]`` and ``[dx:]`` of a centred matrix, from its R factor.
+
+    ``||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` with ``X^T Y = R_x^T R_y`` (scale-free).
+    """
+    Rx, Ry = R[:, :dx], R[:, dx:]
+    xy = np.linalg.norm(Rx.T @ Ry) ** 2
+    return float(xy / (np.linalg.norm(Rx.T @ Rx) * np.linalg.norm(Ry.T @ Ry)))
+
+
+@dataclass
+class ScaleResult:
+    """What one streamed fit gives: the measures, and the per-test-row errors behind them."""
+
+    values: dict[str, float]  # gfre, gfrd, lfre, cka (those asked for)
+    alpha: float  # the relative cutoff picked by the 2-fold CV
+    n_train: int
+    n_test: int
+    test_row: np.ndarray  # (n_test,) row numbers of the test rows
+    pointwise: dict[str, np.ndarray]  # per metric, per test row (same order as test_row)
+    groups: dict[str, np.ndarray]  # per test row (Z, subset, ...)
+
+
+def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
+                            n_local_points: int | None = None,
+                            executor=None) -> ScaleResult:
+    """GFRE / GFRD / LFRE of ``Y`` from ``X`` (and their linear CKA) over the blocks of ``source``.
+
+    ``metrics``: any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"``; LFRE's
+    ``n_local_points`` defaults to ``min(dx, dy)`` (the paper's choice). The definitions and
+    the defaults are those of :mod:`latentray.reconstruction` (skmatter's); the module
+    docstring says how they are computed here.
+    """
+    executor = executor or SerialExecutor()
+    metrics = tuple(metrics)
+    unknown = set(metrics) - {"gfre", "gfrd", "lfre", "cka"}
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}")
+    src = executor.put(source)
+    n = source.n_blocks
+
+    # 1. ids: row counts (-> row numbers) and, for a hash split, the test thresholds
+    ids = executor.get(executor.map(_block_ids, [(src, i, split) for i in range(n)]))
+    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
+    if hasattr(split, "summarise"):
+        split.resolve(split.merge(*[s for _, s in ids]))
+    sp = executor.put(split)
+
+    # 2. mergeable statistics, tree-reduced
+    stats = executor.reduce(_Statistics.merge, executor.map(
+        _block_statistics, [(src, i, int(offsets[i]), sp) for i in range(n)]))
+    if stats.folds[0] is None or stats.folds[1] is None:
+        raise ValueError("both folds need training rows")
+    f1, f2 = stats.folds
+    train = CentredQR.merge(f1, f2)
+    test = stats.test
+    if len(test.row) == 0:
+        raise ValueError("no test rows")
+    order = np.argsort(test.row, kind="stable")
+    test = _TestRows(A=test.A[order], row=test.row[order],
+                     groups={g: v[order] for g, v in test.groups.items()})
+    dx = stats.dx
+    dy = test.A.shape[1] - dx
+    mean = train.mean()
+    Rc = train.centred(mean)
+    var = (np.sum(Rc[:, :dx] ** 2) / train.n, np.sum(Rc[:, dx:] ** 2) / train.n)
+    for name, v in zip("XY", var):
+        if v < _ZERO_VARIANCE_ATOL:
+            raise ValueError(f"{name}: cannot normalize a matrix with zero variance")
+    sx, sy = np.sqrt(var[0]), np.sqrt(var[1])
+    scale = np.concatenate([np.full(dx, sx), np.full(dy, sy)])
+    R1, R2 = f1.centred(mean) / scale, f2.centred(mean) / scale
+    rcond = max(train.n, dx) * _EPS
+    W, alpha, _, R = _cutoff_cv_from_r(R1[None], R2[None], f1.n, f2.n, dx, rcond, DEFAULT_ALPHAS)
+    W, R = W[0], R[0]
+    T = (test.A - mean) / scale
+    x_test, y_test = T[:, :dx], T[:, dx:]
+    pred = x_test @ W
+    values, pointwise = {}, {}
+    if "gfre" in metrics:
+        pointwise["gfre"] = np.linalg.norm(y_test - pred, axis=1)
+    if "gfrd" in metrics:
+        Rx = R[:, :dx]
+        Q = _padded_procrustes(Rx.T @ (Rx @ W), dx, dy)
+        diff = -(x_test @ Q[:dx])
+        diff[:, :dy] += pred
+        pointwise["gfrd"] = np.linalg.norm(diff, axis=1)
+    if "cka" in metrics:
+        values["cka"] = linear_cka(Rc, dx)
+    if "lfre" in metrics:
+        k = min(dx, dy) if n_local_points is None else int(n_local_points)
+        tx = executor.put(x_test)
+        scaling = executor.put((mean, sx))
+        _, rows, _ = executor.reduce(_merge_neighbours, executor.map(
+            _block_neighbours, [(src, i, int(offsets[i]), sp, scaling, tx, k) for i in range(n)]))
+        wanted = np.unique(rows)
+        wanted_ref = executor.put(wanted)
+        gathered = executor.get(executor.map(
+            _block_gather, [(src, i, int(offsets[i]), sp, wanted_ref) for i in range(n)]))
+        g_rows = np.concatenate([g[0] for g in gathered])
+        by_row = np.argsort(g_rows)
+        G = (np.concatenate([g[1] for g in gathered])[by_row] - mean) / scale
+        neighbours = np.searchsorted(g_rows[by_row], rows)
+        pointwise["lfre"] = _local_errors_default(G[:, :dx], x_test, G[:, dx:], y_test,
+                                                  neighbours)
+    for metric, errors in pointwise.items():
+        values[metric] = float(np.linalg.norm(errors) / np.sqrt(len(errors)))
+    return ScaleResult(values=values, alpha=float(alpha[0]), n_train=train.n,
+                       n_test=len(test.row), test_row=test.row, pointwise=pointwise,
+                       groups=test.groups)

@@ -1,0 +1,236 @@
+"""latentray.streaming: the measures from mergeable statistics over blocks, against
+scikit-matter (given the same index sets) on random and on real latents, and the split rule."""
+
+import numpy as np
+import pytest
+import skmatter.metrics as skm
+from ase.io import read
+
+import latentray.reconstruction as lr
+from latentray.cumulants import cumulant_features
+from latentray.datasets import resolve_paths
+from latentray.splits import paper_split
+from latentray.streaming import (
+    FOLD1,
+    FOLD2,
+    TEST,
+    ArraySource,
+    CentredQR,
+    HashSplit,
+    IndexSplit,
+    linear_cka,
+    reconstruction_at_scale,
+    split_keys,
+)
+
+METRICS = ("gfre", "gfrd", "lfre")
+
+
+def _skmatter(X, Y, train, test, k):
+    return {"gfre": skm.global_reconstruction_error(X, Y, test_idx=test, train_idx=train),
+            "gfrd": skm.global_reconstruction_distortion(X, Y, test_idx=test, train_idx=train),
+            "lfre": skm.local_reconstruction_error(X, Y, k, test_idx=test, train_idx=train)}
+
+
+def _random_pairs():
+    rng = np.random.default_rng(3)
+    n = 900
+    G = rng.standard_normal((n, 9))
+    X = G @ rng.standard_normal((9, 16))
+    X[:, 0] = 2.5  # a constant column
+    X[:, 1] += 1e6  # a large offset (naive sums of squares would lose it)
+    Y = np.tanh(G @ rng.standard_normal((9, 20)) / 2) + 0.05 * rng.standard_normal((n, 20))
+    rank_deficient = np.hstack([G[:, :4], G[:, :4] @ rng.standard_normal((4, 8))])
+    return {"random": (X, Y), "rank_deficient_x": (rank_deficient, Y[:, :12])}
+
+
+@pytest.mark.parametrize("case", ["random", "rank_deficient_x"])
+@pytest.mark.parametrize("block_rows", [900, 128, 7])  # whole, a few blocks, blocks < width
+def test_equals_skmatter_given_the_same_index_sets(case, block_rows):
+    X, Y = _random_pairs()[case]
+    train, test = paper_split(len(X), 150, seed=0)
+    expected = _skmatter(X, Y, train, test, 10)
+    got = reconstruction_at_scale(ArraySource(X, Y, block_rows=block_rows),
+                                  IndexSplit(len(X), train, test), METRICS, n_local_points=10)
+    for metric in METRICS:
+        assert got.values[metric] == pytest.approx(expected[metric], rel=1e-8), metric
+    # the pointwise errors are the in-memory ones, in row order of the test set
+    np.testing.assert_array_equal(got.test_row, np.sort(test))
+    pointwise = lr.pointwise_global_reconstruction_error(X, Y, train_idx=train,
+                                                         test_idx=np.sort(test))
+    np.testing.assert_allclose(got.pointwise["gfre"], pointwise, rtol=1e-8)
+    assert got.n_train == len(train) and got.n_test == len(test)
+
+
+def test_distortion_for_a_narrower_target_equals_the_in_memory_one():
+    X, Y = _random_pairs()["random"]
+    train, test = paper_split(len(X), 150, seed=1)
+    got = reconstruction_at_scale(ArraySource(X, Y[:, :5], block_rows=200),
+                                  IndexSplit(len(X), train, test), ("gfrd",))
+    assert got.values["gfrd"] == pytest.approx(
+        lr.global_reconstruction_distortion(X, Y[:, :5], test_idx=test, train_idx=train),
+        rel=1e-8)
+
+
+@pytest.fixture(scope="module")
+def real_latents():
+    """CHGNet 0.3.0 latents (bb2, ll) of 60 MAD structures, and their cumulants."""
+    pytest.importorskip("chgnet")
+    from latentray.models import load_adapter
+
+    frames = [a for a in read(resolve_paths("builtin:mad-val-1000")[0], index=":120")
+              if len(a) <= 40][:60]
+    model = load_adapter("chgnet", "0.3.0")
+    out = model.forward([model.prepare(a) for a in frames], ["bb2", "ll"])
+    segment = np.repeat(np.arange(len(frames)), [len(a) for a in frames])
+    _, cumulants = cumulant_features(out["bb2"], segment, order=8)
+    return {"bb2": out["bb2"].astype(np.float64), "ll": out["ll"].astype(np.float64),
+            "cumulants": cumulants, "width": out["bb2"].shape[1]}
+
+
+def test_equals_skmatter_on_real_latents(real_latents):
+    X, Y = real_latents["bb2"], real_latents["ll"]
+    train, test = paper_split(len(X), 300, seed=0)
+    expected = _skmatter(X, Y, train, test, 64)
+    got = reconstruction_at_scale(ArraySource(X, Y, block_rows=250),
+                                  IndexSplit(len(X), train, test), METRICS)
+    for metric in METRICS:
+        assert got.values[metric] == pytest.approx(expected[metric], rel=1e-8), metric
+
+
+def test_order_one_from_order_eight_cumulants_equals_skmatter(real_latents):
+    """Rank-deficient X on real data: k1 reconstructed from [k1 .. k8] (and back)."""
+    F, w = real_latents["cumulants"], real_latents["width"]
+    train, test = paper_split(len(F), 30, seed=0)
+    for X, Y in [(F, F[:, :w]), (F[:, :w], F)]:
+        got = reconstruction_at_scale(ArraySource(X, Y, block_rows=16),
+                                      IndexSplit(len(F), train, test), ("gfre",))
+        assert got.values["gfre"] == pytest.approx(
+            skm.global_reconstruction_error(X, Y, test_idx=test, train_idx=train), rel=1e-8)
+
+
+def test_centred_states_merge_to_the_whole():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((500, 6)) * [1, 10, 1e-3, 1, 1, 1] + [0, 1e6, 0, -3, 0, 7]
+    whole = CentredQR.of(A)
+    parts = CentredQR.merge(*[CentredQR.of(A[i: i + 37]) for i in range(0, 500, 37)])
+    mean = A.mean(axis=0)
+    for state in (whole, parts):
+        assert state.n == 500
+        np.testing.assert_allclose(state.mean(), mean, rtol=1e-14, atol=1e-12)
+        R = state.centred(mean)
+        np.testing.assert_allclose(R.T @ R, (A - mean).T @ (A - mean), rtol=1e-9, atol=1e-9)
+    # the singular values survive (no Gram matrix squared them)
+    np.testing.assert_allclose(np.linalg.svd(parts.centred(mean), compute_uv=False),
+                               np.linalg.svd(A - mean, compute_uv=False), rtol=1e-10)
+
+
+def test_linear_cka_equals_the_kernel_definition():
+    """CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with K = X X^T, L = Y Y^T, H centring."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((80, 5)) + 3
+    Y = np.hstack([X[:, :2] ** 2, rng.standard_normal((80, 4))])
+    H = np.eye(80) - 1 / 80
+    K, L = X @ X.T, Y @ Y.T
+    hsic = lambda a, b: np.trace(a @ H @ b @ H)  # noqa: E731
+    expected = hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
+    A = np.hstack([X, Y])
+    R = np.linalg.qr(A - A.mean(axis=0), mode="r")
+    assert linear_cka(R, 5) == pytest.approx(expected, rel=1e-12)
+    # invariant to rotation and isotropic scaling: CKA(X, 3 X Q) = 1
+    Q = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+    Xc = X - X.mean(axis=0)
+    assert linear_cka(np.linalg.qr(np.hstack([Xc, 3 * Xc @ Q]), mode="r"), 5) == \
+        pytest.approx(1.0, rel=1e-12)
+    # from the blocks: CKA of the training rows
+    got = reconstruction_at_scale(ArraySource(X, Y, block_rows=30),
+                                  IndexSplit(80, np.arange(60), np.arange(60, 80)), ("cka",))
+    centred = A[:60] - A[:60].mean(axis=0)
+    assert got.values["cka"] == pytest.approx(
+        linear_cka(np.linalg.qr(centred, mode="r"), 5), rel=1e-10)
+
+
+# -- the split rule at scale ------------------------------------------------------------------
+
+
+def _ids(n, rng):
+    n_atoms = rng.integers(1, 30, size=n // 10)
+    structure = np.repeat(np.arange(len(n_atoms)), n_atoms)[:n]
+    atom = np.concatenate([np.arange(k) for k in n_atoms])[:n]
+    stratum = np.array(["a", "b", "c", "d"], dtype=object)[structure % 7 % 4]
+    return np.char.add("s", structure.astype(str)), atom, stratum
+
+
+def _labels(split, sid, atom, stratum, block_rows, order=None):
+    order = np.arange(len(sid)) if order is None else order
+    source = ArraySource(np.zeros((len(sid), 1)), np.zeros((len(sid), 1)), block_rows=block_rows,
+                         structure_id=sid[order], atom_index=atom[order], stratum=stratum[order])
+    split.resolve(split.merge(*[split.summarise(source.ids(i))
+                                for i in range(source.n_blocks)]))
+    labels = np.concatenate([split.labels(source.read(i, 0)) for i in range(source.n_blocks)])
+    out = np.empty_like(labels)
+    out[order] = labels
+    return out
+
+
+def test_hash_split_is_exact_stratified_and_independent_of_the_layout():
+    rng = np.random.default_rng(0)
+    sid, atom, stratum = _ids(20000, rng)
+    labels = _labels(HashSplit(1000, seed=0), sid, atom, stratum, 20000)
+    assert (labels == TEST).sum() == 1000
+    for s in "abcd":  # test rows in proportion to the strata (largest remainder)
+        share = 1000 * (stratum == s).mean()
+        assert abs((labels[stratum == s] == TEST).sum() - share) < 1
+    folds = labels[labels != TEST]
+    assert abs((folds == FOLD1).mean() - 0.5) < 0.02 and set(folds) == {FOLD1, FOLD2}
+    # the same labels whatever the blocks and the row order
+    shuffled = rng.permutation(len(sid))
+    np.testing.assert_array_equal(
+        labels, _labels(HashSplit(1000, seed=0), sid, atom, stratum, 333, order=shuffled))
+    # a row keeps its key when other rows change: keys depend on the row alone
+    np.testing.assert_array_equal(split_keys(sid[:50], atom[:50], 0),
+                                  split_keys(sid, atom, 0)[:50])
+    other = _labels(HashSplit(1000, seed=1), sid, atom, stratum, 20000)
+    assert (other == TEST).sum() == 1000 and not np.array_equal(other, labels)
+    unstratified = _labels(HashSplit(1000, seed=0, stratified=False), sid, atom, stratum, 5000)
+    assert (unstratified == TEST).sum() == 1000
+
+
+def test_hash_split_small_data_and_errors():
+    rng = np.random.default_rng(0)
+    sid, atom, stratum = _ids(300, rng)
+    half = _labels(HashSplit(1000, seed=0, at_most_half=True), sid, atom, stratum, 64)
+    assert (half == TEST).sum() == 150
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        _labels(HashSplit(300, seed=0), sid, atom, stratum, 64)
+    with pytest.raises(ValueError, match="n_test must be positive"):
+        HashSplit(0)
+
+
+def test_hash_split_fit_runs_on_blocks():
+    X, Y = _random_pairs()["random"]
+    got = reconstruction_at_scale(ArraySource(X, Y, block_rows=100), HashSplit(100, seed=0),
+                                  ("gfre", "lfre", "cka"))
+    assert got.n_test == 100 and got.n_train == len(X) - 100
+    assert 0 < got.values["gfre"] < 1 and 0 < got.values["cka"] <= 1
+    labels = np.full(len(X), -1)
+    labels[got.test_row] = TEST
+    # the same rows in memory, given the test rows the hash rule chose
+    train = np.flatnonzero(labels != TEST)
+    assert got.values["gfre"] == pytest.approx(
+        lr.global_reconstruction_error(X, Y, test_idx=got.test_row, train_idx=train), rel=0.05)
+
+
+def test_bad_rows_name_their_block():
+    X, Y = _random_pairs()["random"]
+    X = X.copy()
+    X[450, 3] = np.nan
+    train, test = paper_split(len(X), 100, seed=0)
+    with pytest.raises(ValueError, match="block 3: 1 rows with NaN or infinite values"):
+        reconstruction_at_scale(ArraySource(X, Y, block_rows=128),
+                                IndexSplit(len(X), train, test), ("gfre",))
+    with pytest.raises(ValueError, match="zero variance"):
+        reconstruction_at_scale(ArraySource(np.ones_like(X), Y, block_rows=128),
+                                IndexSplit(len(X), train, test), ("gfre",))
+    with pytest.raises(ValueError, match="unknown metrics"):
+        reconstruction_at_scale(ArraySource(X, Y), IndexSplit(len(X), train, test), ("rmse",))
