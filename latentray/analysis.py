@@ -1,10 +1,21 @@
-"""Analysis stage: structure features by cumulants, and reconstruction errors between
+"""Analysis stage: structure features by cumulants, and reconstruction measures between
 every ordered pair of models, at atom and at structure level.
 
 For a pair (A, B) the rows compared are the atoms (or structures) of the structures that
-both models processed, in dataset order (structure_index, then atom_index); the split is
-drawn over those rows as the paper draws it (:func:`latentray.splits.paper_split`,
-stratified by subset). The table says how many structures were left out.
+both models processed, in dataset order (structure_index, then atom_index). Two paths, the
+same measures:
+
+* **in memory** (data up to ``analyses.in_memory_limit_mb``): every model's rows are read
+  whole and the split is the paper's (:func:`latentray.splits.paper_split`, stratified by
+  subset); the numbers are skmatter's.
+* **streaming** (larger data): the fits run from mergeable statistics over the Parquet
+  shards (:mod:`latentray.streaming`), never holding a model's rows whole, with the split
+  rule that needs no per-row state (:class:`latentray.streaming.HashSplit`: the ``n_test``
+  rows of smallest hash key, stratified by subset; fold from the key's last bit).
+
+The table says which path (and so which split) each number came from, and how many
+structures were left out. Cumulant features are a stage of their own: one Parquet file per
+(model, layer, shard), recomputed only when that shard's latents change.
 """
 
 from __future__ import annotations
@@ -17,17 +28,27 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .blocks import PairSource
 from .config import Config
-from .cumulants import cumulant_features
-from .reconstruction import global_reconstruction_error, local_reconstruction_error
+from .cumulants import MAX_ORDER, cumulant_features
+from .reconstruction import (
+    global_reconstruction_distortion,
+    pointwise_global_reconstruction_distortion,
+    pointwise_global_reconstruction_error,
+    pointwise_local_reconstruction_error,
+)
 from .splits import paper_split, structure_n_test
 from .store import Store, features_matrix
+from .streaming import HashSplit, RayExecutor, linear_cka, reconstruction_at_scale
 
-MAX_ORDER = 8
 RESULT_COLUMNS = ["metric", "level", "dataset", "source", "target", "layers", "source_layer",
                   "target_layer", "order", "value", "n_train", "n_test", "seed",
-                  "n_structures", "n_left_out"]
+                  "n_structures", "n_left_out", "path"]
+GROUP_COLUMNS = ["metric", "level", "dataset", "source", "target", "layers", "order", "seed",
+                 "path", "group_kind", "group", "n_test", "value"]
+_DERIVED = ("n_structures",)  # row fields that do not change a fit
 
 
 @dataclass
@@ -41,8 +62,9 @@ class Latents:
     width: int
 
     @classmethod
-    def read(cls, store: Store, dataset: str, model: str, layer: str) -> "Latents":
-        table = store.read_table(store.latents_dir(dataset, model, layer))
+    def read(cls, store: Store, dataset: str, model: str, layer: str,
+             shards: int | None = None) -> "Latents":
+        table = store.read_table(store.latents_dir(dataset, model, layer), shards)
         if table is None:
             raise FileNotFoundError(f"no latents for {dataset}/{model}/{layer} in {store.uri}")
         table = table.sort_by([("structure_index", "ascending"), ("atom_index", "ascending")])
@@ -70,170 +92,237 @@ def _digest(obj) -> str:
 
 def _code_digest() -> str:
     """The code a fit's number depends on."""
-    from . import cumulants, reconstruction, splits
+    from . import blocks, cumulants, reconstruction, splits, streaming
 
     return _digest([hashlib.sha256(open(module.__file__, "rb").read()).hexdigest()
-                    for module in (cumulants, reconstruction, splits)])
+                    for module in (blocks, cumulants, reconstruction, splits, streaming)])
 
 
-def _fit_cache(store: Store) -> dict[str, dict[str, float]]:
+def _fit_cache(store: Store) -> dict[str, dict]:
     """Fits of earlier runs, by the digest of everything they depend on."""
     path = store.path("results", "fits.parquet")
     if not store.exists(path):
         return {}
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path, filesystem=store.fs)
     return {k: json.loads(v) for k, v in zip(table["key"].to_pylist(), table["values"].to_pylist())}
 
 
-def structure_features(store: Store, dataset: str, model: str, layer: str, latents: Latents,
-                       structures: pd.DataFrame, inputs_digest: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulant features up to order 8 for every structure the model processed.
+# --------------------------------------------------------------------------------------------
+# cumulant features, one file per (model, layer, shard)
 
-    Written to ``cumulants/dataset=D/model=M/layer=L/part-0.parquet`` (one row per
-    structure, ``features`` = [k1 .. k8], 8 * width float64 values) and reused while the
-    latents it was computed from are unchanged. Returns (structure_index, features).
+
+def shard_cumulants(uri: str, dataset: str, model: str, layer: str, shard: int,
+                    inputs_digest: str) -> bool:
+    """Cumulant features (orders 1-8) of one latents shard; False when already up to date.
+
+    Writes ``cumulants/dataset=D/model=M/layer=L/part-SHARD.parquet``: one row per structure,
+    ``features`` = [k1 .. k8] (root-transformed, 8 * width float64 values).
     """
-    path = store.path("cumulants", f"dataset={dataset}", f"model={model}", f"layer={layer}",
-                      "part-0.parquet")
-    directory = path.rsplit("/", 1)[0]
-    cached = store.read_table(directory)
-    if cached is not None and (cached.schema.metadata or {}).get(b"latentray.inputs") == \
-            inputs_digest.encode():
-        return (cached["structure_index"].to_numpy(),
-                features_matrix(cached["features"], MAX_ORDER * latents.width))
-    index, feats = cumulant_features(latents.X, latents.structure_index, order=MAX_ORDER)
-    info = structures.set_index("structure_index").loc[index]
-    n, width = feats.shape
+    store = Store(uri)
+    directory = store.path("cumulants", f"dataset={dataset}", f"model={model}", f"layer={layer}")
+    path = f"{directory}/{store.part(shard)}"
+    if store.parquet_metadata(path).get("latentray.inputs") == inputs_digest:
+        return False
+    latents = pq.read_table(f"{store.latents_dir(dataset, model, layer)}/{store.part(shard)}",
+                            filesystem=store.fs)
+    width = int(latents.schema.metadata[b"latentray.width"])
+    latents = latents.sort_by([("structure_index", "ascending"), ("atom_index", "ascending")])
+    structure_index = latents["structure_index"].to_numpy()
+    structures = pq.read_table(store.structures_path(dataset, shard), filesystem=store.fs,
+                               columns=["structure_id", "structure_index", "subset"])
+    if len(structure_index):
+        index, feats = cumulant_features(features_matrix(latents["features"], width),
+                                         structure_index, order=MAX_ORDER)
+    else:
+        index, feats = np.zeros(0, np.int64), np.zeros((0, MAX_ORDER * width))
+    _, n_atoms = np.unique(structure_index, return_counts=True)
+    at = np.searchsorted(structures["structure_index"].to_numpy(), index)
+    n, values = feats.shape
     table = pa.table({
-        "structure_id": pa.array(info["structure_id"].tolist(), pa.string()),
+        "structure_id": structures["structure_id"].take(at),
         "structure_index": pa.array(index, pa.int64()),
-        "n_atoms": pa.array(info["n_atoms"].to_numpy(), pa.int64()),
-        "subset": pa.array(info["subset"].tolist(), pa.string()),
+        "n_atoms": pa.array(n_atoms, pa.int64()),
+        "subset": structures["subset"].take(at),
         "features": pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32)),
+            pa.array(np.arange(0, (n + 1) * values, values, dtype=np.int32)),
             pa.array(feats.reshape(-1))),
     }).replace_schema_metadata({"latentray.inputs": inputs_digest,
-                                "latentray.width": str(latents.width),
+                                "latentray.width": str(width),
                                 "latentray.orders": str(MAX_ORDER),
                                 "latentray.layout": "k1[0:w] k2[w:2w] ... k8 (root-transformed)"})
     store.write_table(path, table)
-    return index, feats
+    return True
 
 
-def fit_measures(X: np.ndarray, Y: np.ndarray, rows_x: np.ndarray | None,
-                 rows_y: np.ndarray | None, train: np.ndarray, test: np.ndarray,
-                 metrics: tuple[str, ...]) -> dict[str, float]:
-    """GFRE and/or LFRE(X[rows_x] -> Y[rows_y]) on the given split, in float64.
+def _cumulant_stage(store: Store, dataset: str, chosen: dict[str, str], n_shards: int,
+                    shard_digests: dict[str, list[str]], log) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1)(shard_cumulants)
+    t = time.perf_counter()
+    futures = [task.remote(store.uri, dataset, m, layer, s, shard_digests[m][s])
+               for m, layer in chosen.items() for s in range(n_shards)]
+    computed = sum(ray.get(futures))
+    log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(chosen)} models x "
+                   f"{n_shards} shard(s): {computed} computed, {len(futures) - computed} "
+                   f"unchanged ({time.perf_counter() - t:.1f} s)")
+
+
+# --------------------------------------------------------------------------------------------
+# fits
+
+
+def by_group(pointwise: dict[str, np.ndarray], groups: dict[str, np.ndarray]) -> list[dict]:
+    """RMS of each metric's per-test-row errors within each element / subset."""
+    from ase.data import chemical_symbols
+
+    out = []
+    for kind, labels in groups.items():
+        labels = np.asarray(labels)
+        names = ([chemical_symbols[int(z)] for z in labels] if kind == "Z" else labels)
+        names = np.asarray(names, dtype=object)
+        for group in sorted(set(names.tolist())):
+            rows = names == group
+            for metric, errors in pointwise.items():
+                out.append({"metric": metric, "group_kind": "element" if kind == "Z" else kind,
+                            "group": str(group), "n_test": int(rows.sum()),
+                            "value": float(np.sqrt(np.mean(errors[rows] ** 2)))})
+    return out
+
+
+def fit_in_memory(X: np.ndarray, Y: np.ndarray, rows_x: np.ndarray | None,
+                  rows_y: np.ndarray | None, train: np.ndarray, test: np.ndarray,
+                  metrics: tuple[str, ...], groups: dict[str, np.ndarray]) -> dict:
+    """The measures of X[rows_x] -> Y[rows_y] on the given split, in float64, and their
+    per-group breakdown (``groups``: labels of the test rows, in ``test`` order).
 
     LFRE uses the paper's ``n_local_points = min(dim X, dim Y)``, capped by the number of
-    training rows on small data. Runs as a Ray task: one per (pair, level).
+    training rows on small data. CKA is computed on the training rows. Runs as a Ray task.
     """
     from threadpoolctl import threadpool_limits
 
     X = np.asarray(X if rows_x is None else X[rows_x], dtype=np.float64)
     Y = np.asarray(Y if rows_y is None else Y[rows_y], dtype=np.float64)
-    out = {}
+    pointwise, values = {}, {}
     # one BLAS thread per task: the task holds one CPU, and on small VMs a second BLAS
     # thread made LAPACK calls ~100x slower (measured: a 256x256 SVD, 12 ms vs 1.3 s)
     with threadpool_limits(limits=1, user_api="blas"):
         if "gfre" in metrics:
-            out["gfre"] = float(global_reconstruction_error(X, Y, test_idx=test, train_idx=train))
+            pointwise["gfre"] = pointwise_global_reconstruction_error(
+                X, Y, test_idx=test, train_idx=train)
+        if "gfrd" in metrics:
+            pointwise["gfrd"] = pointwise_global_reconstruction_distortion(
+                X, Y, test_idx=test, train_idx=train)
         if "lfre" in metrics:
             k = min(X.shape[1], Y.shape[1], len(train))
-            out["lfre"] = float(local_reconstruction_error(X, Y, k, test_idx=test,
-                                                           train_idx=train))
-    return out
+            pointwise["lfre"] = pointwise_local_reconstruction_error(
+                X, Y, k, test_idx=test, train_idx=train)
+        if "cka" in metrics:
+            values["cka"] = in_memory_cka(X[train], Y[train])
+    values.update({m: float(np.sqrt(np.mean(e ** 2))) for m, e in pointwise.items()})
+    return {"values": values, "groups": by_group(pointwise, groups)}
+
+
+def in_memory_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Linear CKA of the rows given, from the R factor of the centred ``[X | Y]``."""
+    from .reconstruction import _r_factor
+
+    A = np.concatenate([X, Y], axis=1)
+    return linear_cka(_r_factor(A - A.mean(axis=0)), X.shape[1])
+
+
+def fit_streaming(source: PairSource, seed: int, n_test: int, stratified: bool,
+                  at_most_half: bool, metrics: tuple[str, ...]) -> dict:
+    """The same measures from mergeable statistics over ``source``'s shards (Ray tasks)."""
+    split = HashSplit(n_test, seed=seed, stratified=stratified, at_most_half=at_most_half)
+    result = reconstruction_at_scale(source, split, metrics, executor=RayExecutor())
+    return {"values": result.values, "groups": by_group(result.pointwise, result.groups),
+            "n_train": result.n_train, "n_test": result.n_test, "alpha": result.alpha}
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _failed(store: Store, dataset: str, model: str) -> np.ndarray:
+    table = store.read_table(store.failures_dir(dataset, model))
+    return np.zeros(0, np.int64) if table is None else table["structure_index"].to_numpy()
 
 
 def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[pd.DataFrame, dict]:
-    """Fit every measure the config asks for; write ``results/reconstruction.{csv,parquet}``."""
+    """Fit every measure the config asks for; write ``results/reconstruction.{csv,parquet}``
+    and ``results/by_group.{csv,parquet}``."""
     import ray
 
-    fit = ray.remote(num_cpus=1)(fit_measures)
+    fit = ray.remote(num_cpus=1)(fit_in_memory)
     a = config.analyses
-    rows: list[dict] = []
+    seeds = (a.seed, *a.spread_seeds)
     jobs: list[tuple[dict, str, object]] = []
     cache = _fit_cache(store)
     code = _code_digest()
+    info: dict = {"paths": {}, "left_out": {}}
+    models = [m.id for m in config.models]
 
-    def submit(base: dict, digest: dict, launch) -> None:
+    def submit(base: dict, digest: dict, stratified: bool, launch) -> None:
         """Run a fit unless one with the same inputs is in ``results/fits.parquet``."""
-        key = _digest({"row": {k: v for k, v in base.items() if k not in ("n_structures",)},
+        key = _digest({"row": {k: v for k, v in base.items() if k not in _DERIVED},
                        "source": digest[base["source"]], "target": digest[base["target"]],
                        "metrics": sorted(a.metrics), "n_test": a.n_test, "code": code,
-                       "stratified": config.datasets[[x.name for x in config.datasets]
-                                                     .index(base["dataset"])].subset_key})
-        jobs.append((base, key, None if set(cache.get(key, {})) >= set(a.metrics) else launch()))
-    info: dict = {"path": "in-memory", "pairs": {}, "left_out": {}}
-    models = [m.id for m in config.models]
+                       "stratified": stratified})
+        done = key in cache and set(cache[key]["values"]) >= set(a.metrics)
+        jobs.append((base, key, None if done else launch()))
+
     for d in config.datasets:
-        structures = store.read_table(store.path("structures", f"dataset={d.name}")).to_pandas()
-        structures = structures[structures["structure_index"] <
-                                extraction["datasets"][d.name]["structures"]]
-        structures = structures.sort_values("structure_index").reset_index(drop=True)
-        subset_of = structures.set_index("structure_index")["subset"]
-        n_all = len(structures)
+        stratified = d.subset_key is not None
+        n_all = extraction["datasets"][d.name]["structures"]
+        n_shards = -(-n_all // config.extraction.shard_size)
         for layer_name in a.layers:
             chosen = {m: concrete_layer(layer_name, extraction["layers"][m]) for m in models}
             missing = [m for m, layer in chosen.items() if layer is None]
             if missing:
                 log("analyse", f"layer {layer_name}: not extracted for {missing}; those are left out")
-            present = [m for m in models if chosen[m] is not None]
-            t = time.perf_counter()
-            latents = {m: Latents.read(store, d.name, m, chosen[m]) for m in present}
-            done = {m: np.unique(latents[m].structure_index) for m in present}
-            for m in present:
-                info["left_out"][f"{d.name}/{m}"] = n_all - len(done[m])
-            log("analyse", f"{d.name} layer {layer_name}: read latents of {len(present)} models "
-                           f"in {time.perf_counter() - t:.1f} s")
-
-            # what each model's latents came from: its units' manifest inputs
-            digest = {m: _digest([store.read_json(store.manifest_path(d.name, m, s))["inputs"]
-                                  for s in range(-(-n_all // config.extraction.shard_size))])
+            chosen = {m: layer for m, layer in chosen.items() if layer is not None}
+            present = list(chosen)
+            widths = {m: extraction["descriptions"][m]["info"]["layer_widths"][chosen[m]]
                       for m in present}
-            feats = {}
-            if "structure" in a.levels:
-                t = time.perf_counter()
-                for m in present:
-                    feats[m] = structure_features(store, d.name, m, chosen[m], latents[m],
-                                                  structures, digest[m])
-                log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(present)} "
-                               f"models in {time.perf_counter() - t:.1f} s")
+            size_mb = extraction["datasets"][d.name]["atoms"] * sum(widths.values()) * 4 / 2**20
+            path = "in-memory" if size_mb <= a.in_memory_limit_mb else "streaming"
+            info["paths"][f"{d.name}/{layer_name}"] = path
+            log("analyse", f"{d.name} layer {layer_name}: {size_mb:.0f} MB of latents "
+                           f"({len(present)} models) {'<=' if path == 'in-memory' else '>'} "
+                           f"in_memory_limit_mb={a.in_memory_limit_mb}: {path} fits"
+                           + ("" if path == "in-memory" else " (hash split)"))
 
-            # one Ray task per (pair, level); each model's matrix goes to the object store once
-            x_refs = {m: ray.put(latents[m].X) for m in present}
-            f_refs = {m: ray.put(np.ascontiguousarray(feats[m][1][:, :latents[m].width * a.order]))
-                      for m in feats}
-            for src, tgt in [(s, t_) for s in present for t_ in present if s != t_]:
-                common = np.intersect1d(done[src], done[tgt])
-                base = {"dataset": d.name, "source": src, "target": tgt, "layers": layer_name,
-                        "source_layer": chosen[src], "target_layer": chosen[tgt],
-                        "seed": a.seed, "n_structures": len(common),
-                        "n_left_out": n_all - len(common)}
-                if "atom" in a.levels:
-                    A, B = latents[src], latents[tgt]
-                    ra, rb = A.rows_of(common), B.rows_of(common)
-                    if not np.array_equal(A.Z[ra], B.Z[rb]):
-                        raise RuntimeError(f"{src} and {tgt} rows do not align on {d.name}")
-                    labels = subset_of.loc[A.structure_index[ra]].to_numpy()
-                    train, test = paper_split(len(ra), a.n_test, seed=a.seed,
-                                              labels=labels if d.subset_key else None)
-                    submit({**base, "level": "atom", "order": pd.NA, "n_train": len(train),
-                            "n_test": len(test)}, digest,
-                           lambda: fit.remote(x_refs[src], x_refs[tgt], ra, rb, train, test,
-                                              a.metrics))
-                if "structure" in a.levels:
-                    ia, ib = feats[src][0], feats[tgt][0]
-                    sa, sb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
-                    labels = subset_of.loc[ia[sa]].to_numpy()
-                    train, test = paper_split(len(sa), structure_n_test(len(sa), a.n_test),
-                                              seed=a.seed, labels=labels if d.subset_key else None)
-                    submit({**base, "level": "structure", "order": a.order,
-                            "n_train": len(train), "n_test": len(test)}, digest,
-                           lambda: fit.remote(f_refs[src], f_refs[tgt], sa, sb, train, test,
-                                              a.metrics))
+            # what each model's latents came from: its units' manifest inputs, per shard
+            shard_digests = {m: [_digest(store.read_json(store.manifest_path(d.name, m, s))
+                                         ["inputs"]) for s in range(n_shards)] for m in present}
+            digest = {m: _digest(shard_digests[m]) for m in present}
+            failed = {m: _failed(store, d.name, m) for m in present}
+            for m in present:
+                info["left_out"][f"{d.name}/{m}"] = len(failed[m])
+            if "structure" in a.levels:
+                _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
+
+            pairs = [(s, t) for s in present for t in present if s != t]
+            if path == "in-memory":
+                launchers = _in_memory_launchers(store, d, chosen, n_shards, a, fit, log)
+            for src, tgt in pairs:
+                n_left = len(np.union1d(failed[src], failed[tgt]))
+                for seed in seeds:
+                    base = {"dataset": d.name, "source": src, "target": tgt,
+                            "layers": layer_name, "source_layer": chosen[src],
+                            "target_layer": chosen[tgt], "seed": seed,
+                            "n_structures": n_all - n_left, "n_left_out": n_left, "path": path}
+                    for level in [lv for lv in ("atom", "structure") if lv in a.levels]:
+                        row = {**base, "level": level,
+                               "order": a.order if level == "structure" else pd.NA}
+                        if path == "in-memory":
+                            launch = launchers(src, tgt, level, seed)
+                            row.update(launch.sizes)
+                        else:
+                            launch = _streaming_launcher(store, d.name, chosen, widths, src, tgt,
+                                                         level, seed, n_shards, a, stratified)
+                        submit(row, digest, stratified, launch)
 
     t0 = time.perf_counter()
     pending = [future for _, _, future in jobs if future is not None]
@@ -244,19 +333,110 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
         _, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
         log("analyse", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
                        f"({time.perf_counter() - t0:.1f} s)")
+    rows, group_rows = [], []
     for base, key, future in jobs:
         if future is not None:
             cache[key] = ray.get(future)
-        for metric, value in cache[key].items():
-            rows.append({**base, "metric": metric, "value": value})
+        got = cache[key]
+        sizes = {k: got[k] for k in ("n_train", "n_test") if k in got}
+        for metric in a.metrics:
+            rows.append({**base, **sizes, "metric": metric, "value": got["values"][metric]})
+        for g in got["groups"]:
+            group_rows.append({**{k: base[k] for k in GROUP_COLUMNS if k in base}, **g})
     keys = [key for _, key, _ in jobs]
     store.write_table(store.path("results", "fits.parquet"), pa.table({
         "key": keys, "values": [json.dumps(cache[k], sort_keys=True) for k in keys]}))
-    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    results["order"] = results["order"].astype("Int64")
-    store.write_bytes(store.path("results", "reconstruction.csv"),
-                      results.to_csv(index=False, float_format="%.10g").encode())
-    store.write_table(store.path("results", "reconstruction.parquet"),
-                      pa.Table.from_pandas(results, preserve_index=False))
-    log("analyse", f"{len(results)} numbers in results/reconstruction.csv")
+    results = _write_results(store, "reconstruction", rows, RESULT_COLUMNS)
+    _write_results(store, "by_group", group_rows, GROUP_COLUMNS)
+    log("analyse", f"{len(results)} numbers in results/reconstruction.csv, "
+                   f"{len(group_rows)} in results/by_group.csv")
     return results, info
+
+
+def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=columns)
+    table["order"] = table["order"].astype("Int64")
+    store.write_bytes(store.path("results", f"{name}.csv"),
+                      table.to_csv(index=False, float_format="%.10g").encode())
+    store.write_table(store.path("results", f"{name}.parquet"),
+                      pa.Table.from_pandas(table, preserve_index=False))
+    return table
+
+
+class _Launch:
+    """A deferred fit (called only when the cache misses) and the split sizes it will use."""
+
+    def __init__(self, call, sizes: dict | None = None):
+        self.call, self.sizes = call, sizes or {}
+
+    def __call__(self):
+        return self.call()
+
+
+def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int, a, fit, log):
+    """Read every model's latents (and cumulants) once; return ``launch(src, tgt, level,
+    seed)`` for the fits of one (dataset, layer)."""
+    import ray
+
+    t = time.perf_counter()
+    latents = {m: Latents.read(store, d.name, m, layer, n_shards) for m, layer in chosen.items()}
+    log("analyse", f"{d.name}: read latents of {len(latents)} models in "
+                   f"{time.perf_counter() - t:.1f} s")
+    structures = store.read_table(store.path("structures", f"dataset={d.name}")).to_pandas()
+    subset_of = structures.set_index("structure_index")["subset"]
+    done = {m: np.unique(x.structure_index) for m, x in latents.items()}
+    feats = {}
+    if "structure" in a.levels:
+        for m, layer in chosen.items():
+            table = store.read_table(store.path("cumulants", f"dataset={d.name}",
+                                                f"model={m}", f"layer={layer}"), n_shards)
+            order = np.argsort(table["structure_index"].to_numpy(), kind="stable")
+            feats[m] = (table["structure_index"].to_numpy()[order],
+                        features_matrix(table["features"])[order][:, :latents[m].width * a.order])
+    # each model's matrix goes to the object store once
+    x_refs = {m: ray.put(x.X) for m, x in latents.items()}
+    f_refs = {m: ray.put(np.ascontiguousarray(f[1])) for m, f in feats.items()}
+
+    def launch(src, tgt, level, seed):
+        common = np.intersect1d(done[src], done[tgt])
+        if level == "atom":
+            A, B = latents[src], latents[tgt]
+            ra, rb = A.rows_of(common), B.rows_of(common)
+            if not np.array_equal(A.Z[ra], B.Z[rb]):
+                raise RuntimeError(f"{src} and {tgt} rows do not align on {d.name}")
+            labels = subset_of.loc[A.structure_index[ra]].to_numpy()
+            train, test = paper_split(len(ra), a.n_test, seed=seed,
+                                      labels=labels if d.subset_key else None)
+            groups = {"Z": A.Z[ra][test], "subset": labels[test]}
+            refs = (x_refs[src], x_refs[tgt])
+        else:
+            ia, ib = feats[src][0], feats[tgt][0]
+            ra, rb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
+            labels = subset_of.loc[ia[ra]].to_numpy()
+            train, test = paper_split(len(ra), structure_n_test(len(ra), a.n_test), seed=seed,
+                                      labels=labels if d.subset_key else None)
+            groups = {"subset": labels[test]}
+            refs = (f_refs[src], f_refs[tgt])
+        return _Launch(lambda: fit.remote(refs[0], refs[1], ra, rb, train, test, a.metrics,
+                                          groups),
+                       {"n_train": len(train), "n_test": len(test)})
+
+    return launch
+
+
+def _streaming_launcher(store: Store, dataset: str, chosen: dict[str, str], widths: dict,
+                        src: str, tgt: str, level: str, seed: int, n_shards: int, a,
+                        stratified: bool):
+    """A deferred streaming fit: a Ray task that itself runs the block tasks."""
+    import ray
+
+    kind = "latents" if level == "atom" else "cumulants"
+    n_columns = (None, None) if level == "atom" else (widths[src] * a.order,
+                                                      widths[tgt] * a.order)
+    source = PairSource(store.uri, dataset, (src, chosen[src]), (tgt, chosen[tgt]),
+                        list(range(n_shards)), kind=kind, n_columns=n_columns,
+                        stratify=stratified)
+    # the driver of one streaming fit holds no CPU: its block tasks do the work
+    task = ray.remote(num_cpus=0)(fit_streaming)
+    return _Launch(lambda: task.remote(source, seed, a.n_test, stratified, level == "structure",
+                                       a.metrics))

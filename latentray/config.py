@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 DATASET_FORMATS = ("extxyz",)
-METRICS = ("gfre", "lfre")
+METRICS = ("gfre", "gfrd", "lfre", "cka")
 LEVELS = ("atom", "structure")
 
 
@@ -52,12 +52,16 @@ class ExtractionConfig:
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = ("gfre", "lfre")
     levels: tuple[str, ...] = LEVELS
     layers: tuple[str, ...] = ("bb",)  # compared between models, same name on both sides
     n_test: int = 1000
     seed: int = 0
     order: int = 2  # cumulant order of the structure-level features
+    spread_seeds: tuple[int, ...] = ()  # more split seeds: each number is refitted, +- spread
+    # above this size (every model's latents of one dataset and layer, as float32) the fits
+    # stream from Parquet (mergeable statistics, hash split) instead of holding the rows
+    in_memory_limit_mb: int = 2048
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,12 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     _check(not bad, f"{source}: analyses.levels: unknown {bad}; choose from {list(LEVELS)}")
     _positive_int(a.n_test, f"{source}: analyses.n_test")
     _check(isinstance(a.seed, int), f"{source}: analyses.seed: an integer")
+    _check(all(isinstance(s, int) and not isinstance(s, bool) for s in a.spread_seeds)
+           and a.seed not in a.spread_seeds and len(set(a.spread_seeds)) == len(a.spread_seeds),
+           f"{source}: analyses.spread_seeds: distinct integers other than seed, "
+           f"got {list(a.spread_seeds)}")
+    _check(isinstance(a.in_memory_limit_mb, int) and a.in_memory_limit_mb >= 0,
+           f"{source}: analyses.in_memory_limit_mb: an integer >= 0 (0: always stream)")
     _check(isinstance(a.order, int) and 1 <= a.order <= 8,
            f"{source}: analyses.order: an integer from 1 to 8, got {a.order!r}")
     for name in a.layers:

@@ -11,11 +11,11 @@ import pandas as pd
 from .config import Config
 from .store import Store
 
-METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD"}
+METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD", "cka": "linear CKA"}
 
 
-def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
-    """A source x target heatmap with the value written in every cell."""
+def heatmap_png(matrix: pd.DataFrame, title: str, spread: pd.DataFrame | None = None) -> bytes:
+    """A source x target heatmap with the value (and +- its spread over seeds) in every cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +35,10 @@ def heatmap_png(matrix: pd.DataFrame, title: str) -> bytes:
         for j in range(n):
             v = values[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7,
+                text = f"{v:.3f}"
+                if spread is not None and np.isfinite(spread.iat[i, j]):
+                    text += f"\n±{spread.iat[i, j]:.3f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * vmax else "black")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -50,22 +53,56 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", na_rep="", float_format="%.4f")
 
 
+def _groups_html(store: Store, seed: int, n_elements: int = 10) -> str:
+    """Per-subset and worst-element tables from ``results/by_group.parquet``."""
+    path = store.path("results", "by_group.parquet")
+    if not store.exists(path):
+        return '<p class="note">No per-group numbers.</p>'
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, filesystem=store.fs).to_pandas()
+    table = table[table.seed == seed]
+    parts = []
+    for (dataset, level, layers, metric, kind), sub in table.groupby(
+            ["dataset", "level", "layers", "metric", "group_kind"], sort=False):
+        sub = sub.assign(pair=sub.source + " → " + sub.target)
+        wide = sub.pivot_table(index="group", columns="pair", values="value")
+        n = sub.groupby("group")["n_test"].first()
+        if kind == "element":
+            wide = wide.loc[wide.mean(axis=1).sort_values(ascending=False).index[:n_elements]]
+        wide.insert(0, "n", n.loc[wide.index])
+        heading = f"{METRIC_NAMES.get(metric, metric)} by {kind}, {level} level, layer {layers}, " \
+                  f"{dataset}"
+        parts.append(f"<h3>{html.escape(heading)}</h3>"
+                     + wide.reset_index().to_html(index=False, border=0, classes="t",
+                                                  float_format="%.3f"))
+    return "\n".join(parts) or '<p class="note">No per-group numbers.</p>'
+
+
 def write_report(config: Config, store: Store, results: pd.DataFrame, extraction: dict,
                  analysis_info: dict, provenance: dict, log) -> str:
     """Write figures/*.png and report.html; return the report's path."""
     models = [m.id for m in config.models]
     figures = []
     keys = ["dataset", "metric", "level", "layers", "order"]
+    seed = config.analyses.seed
     for (dataset, metric, level, layers, order), sub in results.groupby(keys, dropna=False,
                                                                        sort=False):
         present = [m for m in models if m in set(sub.source) | set(sub.target)]
-        matrix = sub.pivot(index="source", columns="target", values="value").reindex(
-            index=present, columns=present)
+        matrix = sub[sub.seed == seed].pivot(index="source", columns="target", values="value") \
+            .reindex(index=present, columns=present)
+        spread = None
+        if sub.seed.nunique() > 1:  # the sample standard deviation over the split seeds
+            spread = sub.groupby(["source", "target"])["value"].std().unstack().reindex(
+                index=present, columns=present)
         order_text = f", cumulant order {order}" if pd.notna(order) else ""
+        seeds_text = (f", ± sd over {sub.seed.nunique()} split seeds" if spread is not None
+                      else "")
         title = (f"{METRIC_NAMES.get(metric, metric)}(A -> B), {level} level, layer {layers}"
-                 f"{order_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}")
+                 f"{order_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
+                 f"{sub.path.iloc[0]} fit{seeds_text}")
         name = f"{dataset}_{metric}_{level}_{layers}" + (f"_order{order}" if pd.notna(order) else "")
-        store.write_bytes(store.path("figures", f"{name}.png"), heatmap_png(matrix, title))
+        store.write_bytes(store.path("figures", f"{name}.png"), heatmap_png(matrix, title, spread))
         figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
 
     failures = []
@@ -91,6 +128,8 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
         f'<figure><img src="{src}" alt="{html.escape(caption)}"><figcaption>'
         f"{html.escape(caption)}</figcaption></figure>" for src, caption in figures)
     shown = results.copy()
+    groups_html = _groups_html(store, config.analyses.seed)
+    paths = ", ".join(f"{k}: {v}" for k, v in analysis_info.get("paths", {}).items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>latentray report</title>
 <style>
@@ -117,9 +156,19 @@ each test point on its nearest training neighbours (local, non-linear reconstruc
 Rows read source A, columns target B; asymmetry (A -> B small, B -> A large) means A holds
 more information than B. Atom level: {config.analyses.n_test} test atoms stratified by
 subset, seed {config.analyses.seed}; structure level: cumulant features of order
-{config.analyses.order}.</p>
+{config.analyses.order}. GFRD is the error left after the best orthogonal map (how much
+the linear reconstruction distorts). Linear CKA (symmetric, 1 = the same up to rotation
+and scale) compares the centred training rows. Fits: {html.escape(paths)} (in-memory:
+the paper's split, skmatter's numbers; streaming: mergeable statistics over the Parquet
+shards with a hash split, see the README).</p>
 <h2>Figures</h2>
 {figures_html}
+<h2>Which chemistry is hard to reconstruct</h2>
+<p class="note">The root-mean-square pointwise error of the test rows of each subset and of
+each element (the ten elements with the largest mean error over all pairs; n: test rows),
+per ordered pair A -> B, seed {config.analyses.seed}. All groups are in
+<code>results/by_group.csv</code>.</p>
+{groups_html}
 <h2>Structures left out</h2>
 <p class="note">Each comparison uses the structures that both models processed; the rest are
 listed here per model with the reason (from <code>failures/</code>).</p>

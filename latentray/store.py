@@ -114,14 +114,19 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def read_table(self, directory: str) -> pa.Table | None:
-        """All ``*.parquet`` parts of one directory (no partition columns added)."""
+    def read_table(self, directory: str, shards: int | None = None) -> pa.Table | None:
+        """All ``*.parquet`` parts of one directory (no partition columns added); with
+        ``shards``, only ``part-00000`` .. ``part-{shards - 1}`` (a run limited to fewer
+        structures than an earlier one leaves the earlier run's later parts in place)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=False))
         except FileNotFoundError:
             return None
         files = sorted(i.path for i in infos if i.path.endswith(".parquet")
                        and not posixpath.basename(i.path).startswith((".", "_")))
+        if shards is not None:
+            wanted = {self.part(s) for s in range(shards)}
+            files = [f for f in files if posixpath.basename(f) in wanted]
         if not files:
             return None
         return pa.concat_tables([pq.read_table(f, filesystem=self.fs) for f in files])

@@ -3,6 +3,8 @@ cluster, checked against independent references (skmatter, sklearn's split, scip
 
 from __future__ import annotations
 
+import dataclasses
+import io
 
 import duckdb
 import numpy as np
@@ -51,8 +53,14 @@ def job(tmp_path_factory):
     second = run(config, quiet=True)
     (root / "out" / "results" / "fits.parquet").unlink()  # the fits again, from the latents
     third = run(config, quiet=True)
+    csv_third = (root / "out" / "results" / "reconstruction.csv").read_bytes()
+    # the same job forced onto the streaming path, with every metric and a second split seed
+    streaming = run(dataclasses.replace(config, analyses=dataclasses.replace(
+        config.analyses, in_memory_limit_mb=0, metrics=("gfre", "gfrd", "lfre", "cka"),
+        spread_seeds=(1,))), quiet=True)
     yield {"config": config, "out": root / "out", "first": first, "second": second,
-           "third": third, "frames": frames, "csv_first": csv_first}
+           "third": third, "frames": frames, "csv_first": csv_first, "csv_third": csv_third,
+           "in_memory": pd.read_csv(io.BytesIO(csv_third)), "streaming": streaming}
     ray.shutdown()
 
 
@@ -105,7 +113,7 @@ def test_atom_level_numbers_equal_skmatter_on_the_same_rows(job):
     from skmatter.metrics import global_reconstruction_error, local_reconstruction_error
 
     out = job["out"]
-    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    results = job["in_memory"]
     common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
     X, tx = _skmatter_rows(out, "chgnet-0.3.0", "bb4", common)
     Y, ty = _skmatter_rows(out, "sevennet-0", "bb5", common)
@@ -147,7 +155,8 @@ def test_structure_level_uses_the_papers_cumulants(job):
         got = np.asarray(cum[cum.structure_index == s]["features"].iloc[0])[:4 * 64]
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     # structure-level GFRE at order 2 equals skmatter on those features and the paper's split
-    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    results = job["in_memory"]
+    assert set(results.path) == {"in-memory"}
     row = results[(results.level == "structure") & (results.metric == "gfre")
                   & (results.source == "chgnet-0.3.0")].iloc[0]
     common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
@@ -171,7 +180,7 @@ def test_rerun_does_no_extraction_and_gives_identical_results(job):
     assert job["first"]["analysis"]["fits_run"] == 4  # 2 ordered pairs x 2 levels
     assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
     assert job["third"]["analysis"]["fits_run"] == 4
-    csv = (job["out"] / "results" / "reconstruction.csv").read_bytes()
+    csv = job["csv_third"]
     assert csv.count(b"\n") == 1 + 2 * 2 * 2  # header + metrics x levels x ordered pairs
     assert csv == job["csv_first"]  # the third run fitted again from the latents: same bytes
 
@@ -180,7 +189,7 @@ def test_report_shows_every_figure_with_provenance(job):
     out = job["out"]
     page = (out / "report.html").read_text()
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(figures) == 4  # gfre/lfre x atom/structure for the bb layer
+    assert len(figures) == 8  # the last (streaming) run: 4 metrics x atom/structure, bb layer
     for name in figures:
         assert f'src="figures/{name}"' in page
     assert "sevennet-0" in page and "7net-0" in page
@@ -196,3 +205,82 @@ def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
                     "models: [{id: m, family: chgnet, checkpoint: '0.3.0'}]\n")
     assert main(["run", str(path)]) == 2
     assert "datasets[0].format: 'cif' is not supported" in capsys.readouterr().err
+
+
+def _hash_split_reference(out, frames, level, source, target, seed, n_test, metrics):
+    """The streaming path's numbers, recomputed from rows read back with pyarrow: the same
+    engine on in-memory arrays (its equality with skmatter on given index sets is tested in
+    test_streaming.py)."""
+    from latentray.streaming import ArraySource, HashSplit, reconstruction_at_scale
+
+    common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
+    layer = {"chgnet-0.3.0": "bb4", "sevennet-0": "bb5"}
+    width = {"chgnet-0.3.0": 64, "sevennet-0": 128}
+    if level == "atom":
+        (X, tx), (Y, _) = (_skmatter_rows(out, m, layer[m], common) for m in (source, target))
+        atom_index = tx.atom_index.to_numpy()
+        ids = tx.structure_id.to_numpy()
+        subset = tx.structure_index.map(lambda i: frames[i].info["subset"]).to_numpy()
+        groups = {"Z": tx.Z.to_numpy(), "subset": subset}
+    else:
+        def features(model):
+            t = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
+                filter=(ds.field("model") == model)).to_pandas().set_index("structure_index")
+            return t.loc[common], np.stack(t.loc[common]["features"].to_numpy())[
+                :, :2 * width[model]]
+        (tx, X), (_, Y) = features(source), features(target)
+        ids, atom_index = tx.structure_id.to_numpy(), np.full(len(tx), -1)
+        subset = tx.subset.to_numpy()
+        groups = {"subset": subset}
+    split = HashSplit(n_test, seed=seed, stratified=True, at_most_half=level == "structure")
+    return reconstruction_at_scale(
+        ArraySource(X, Y, block_rows=997, structure_id=ids, atom_index=atom_index,
+                    stratum=subset, groups=groups), split, metrics), split
+
+
+def test_streaming_path_matches_the_engine_on_rows_read_back(job):
+    assert job["streaming"]["analysis"]["paths"] == {"slice/bb": "streaming"}
+    assert job["streaming"]["analysis"]["fits_run"] == 2 * 2 * 2  # pairs x levels x seeds
+    out = job["out"]
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    assert set(results.path) == {"streaming"} and set(results.seed) == {0, 1}
+    assert len(results) == 4 * 2 * 2 * 2  # metrics x pairs x levels x seeds
+    for level, seed, (source, target) in [("atom", 0, ("chgnet-0.3.0", "sevennet-0")),
+                                          ("atom", 1, ("sevennet-0", "chgnet-0.3.0")),
+                                          ("structure", 0, ("sevennet-0", "chgnet-0.3.0"))]:
+        ref, split = _hash_split_reference(out, job["frames"], level, source, target, seed, 300,
+                                           ("gfre", "gfrd", "lfre", "cka"))
+        rows = results[(results.level == level) & (results.seed == seed)
+                       & (results.source == source)]
+        assert len(rows) == 4
+        for row in rows.itertuples():
+            assert row.value == pytest.approx(ref.values[row.metric], rel=1e-9)
+            assert row.n_test == ref.n_test and row.n_train == ref.n_train
+        assert ref.n_test == (300 if level == "atom" else (LAST - FIRST - 4) // 2)
+        assert ref.n_train + ref.n_test == split.n_rows
+
+
+def test_per_element_and_per_subset_errors_add_up(job):
+    out = job["out"]
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    groups = pd.read_csv(out / "results" / "by_group.csv", keep_default_na=False)
+    ref, _ = _hash_split_reference(out, job["frames"], "atom", "chgnet-0.3.0", "sevennet-0", 0,
+                                   300, ("gfre",))
+    mine = groups[(groups.level == "atom") & (groups.seed == 0) & (groups.metric == "gfre")
+                  & (groups.source == "chgnet-0.3.0")]
+    total = results[(results.level == "atom") & (results.seed == 0) & (results.metric == "gfre")
+                    & (results.source == "chgnet-0.3.0")].value.iloc[0]
+    from ase.data import chemical_symbols
+
+    for kind, labels in [("element", [chemical_symbols[z] for z in ref.groups["Z"]]),
+                         ("subset", ref.groups["subset"])]:
+        sub = mine[mine.group_kind == kind].set_index("group")
+        expected = pd.Series(ref.pointwise["gfre"] ** 2).groupby(np.asarray(labels)).mean() ** 0.5
+        assert sorted(sub.index) == sorted(expected.index)
+        np.testing.assert_allclose(sub.loc[expected.index, "value"], expected.values, rtol=1e-9)
+        assert sub.n_test.sum() == 300
+        # the groups' mean squared errors, weighted by their sizes, give the total back
+        assert np.sqrt((sub.n_test * sub.value**2).sum() / 300) == pytest.approx(total, rel=1e-9)
+    page = (out / "report.html").read_text()
+    assert "Which chemistry is hard to reconstruct" in page
+    assert "streaming fit, ± sd over 2 split seeds" in page  # in the figure captions
