@@ -335,26 +335,36 @@ class _Statistics:
                            dx=parts[0].dx)
 
 
-def _finite_rows(block: Block, where: str) -> np.ndarray:
-    A = np.concatenate([np.asarray(block.X, dtype=np.float64),
-                        np.asarray(block.Y, dtype=np.float64)], axis=1)
+def _finite_rows(block: Block, rows: slice, where: str) -> np.ndarray:
+    """``[X | Y]`` of some rows of a block in float64; NaN or inf is refused, naming the row."""
+    A = np.concatenate([np.asarray(block.X[rows], dtype=np.float64),
+                        np.asarray(block.Y[rows], dtype=np.float64)], axis=1)
     bad = ~np.all(np.isfinite(A), axis=1)
     if bad.any():
-        raise ValueError(f"{where}: {int(bad.sum())} rows with NaN or infinite values "
-                         f"(first: row {int(block.row[bad][0])})")
+        raise ValueError(f"{where}: rows with NaN or infinite values (first: row "
+                         f"{int(block.row[rows][bad][0])})")
     return A
 
 
 def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
+    """Fold states and test rows of one block, in row chunks of bounded size (~64 MB)."""
     block = source.read(i, offset)
     labels = split.labels(block)
-    A = _finite_rows(block, f"block {i}")
-    folds = [CentredQR.of(A[labels == f]) if np.any(labels == f) else None
-             for f in (FOLD1, FOLD2)]
-    test = labels == TEST
-    return _Statistics(folds=folds, test=_TestRows(
-        A=A[test], row=block.row[test], groups={g: v[test] for g, v in block.groups.items()}),
-        dx=block.X.shape[1])
+    dx, p = block.X.shape[1], block.X.shape[1] + block.Y.shape[1]
+    step = max(1, _BLOCK_ELEMENTS // (p + 1))
+    states: dict[int, list[CentredQR]] = {FOLD1: [], FOLD2: []}
+    tests = []
+    for start in range(0, max(len(labels), 1), step):
+        rows = slice(start, start + step)
+        A, lab = _finite_rows(block, rows, f"block {i}"), labels[rows]
+        for fold, parts in states.items():
+            if np.any(lab == fold):
+                parts.append(CentredQR.of(A[lab == fold]))
+        test = lab == TEST
+        tests.append(_TestRows(A=A[test], row=block.row[rows][test],
+                               groups={g: v[rows][test] for g, v in block.groups.items()}))
+    folds = [CentredQR.merge(*states[f]) if states[f] else None for f in (FOLD1, FOLD2)]
+    return _Statistics(folds=folds, test=_TestRows.concat(tests), dx=dx)
 
 
 def _block_ids(source, i: int, split) -> tuple[int, Any]:
