@@ -34,7 +34,6 @@ from .blocks import PairSource
 from .config import Config
 from .cumulants import MAX_ORDER, cumulant_features
 from .reconstruction import (
-    global_reconstruction_distortion,
     pointwise_global_reconstruction_distortion,
     pointwise_global_reconstruction_error,
     pointwise_local_reconstruction_error,
@@ -43,12 +42,50 @@ from .splits import paper_split, structure_n_test
 from .store import Store, features_matrix
 from .streaming import HashSplit, RayExecutor, linear_cka, reconstruction_at_scale
 
-RESULT_COLUMNS = ["metric", "level", "dataset", "source", "target", "layers", "source_layer",
-                  "target_layer", "order", "value", "n_train", "n_test", "seed",
-                  "n_structures", "n_left_out", "path"]
-GROUP_COLUMNS = ["metric", "level", "dataset", "source", "target", "layers", "order", "seed",
-                 "path", "group_kind", "group", "n_test", "value"]
+RESULT_COLUMNS = ["metric", "level", "features", "dataset", "source", "target", "layers",
+                  "source_layer", "target_layer", "source_order", "target_order", "value",
+                  "n_train", "n_test", "seed", "n_structures", "n_left_out", "path"]
+GROUP_COLUMNS = ["metric", "level", "features", "dataset", "source", "target", "layers",
+                 "source_order", "target_order", "seed", "path", "group_kind", "group",
+                 "n_test", "value"]
 _DERIVED = ("n_structures",)  # row fields that do not change a fit
+_ORDER_COLUMNS = ("source_order", "target_order")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What is compared: atom features, or structure features of some kind and order.
+
+    ``features``: ``atoms`` (atom level); ``cumulants`` ([k1 .. k_order]), ``mean`` or ``sum``
+    (mean / sum pooling of the atom features, the baselines; mean pooling is k1).
+    Within one model, ``cumulants`` of order n -> n + 1 (or 1 -> 8) is the order analysis.
+    """
+
+    level: str
+    features: str
+    source_order: int | None = None
+    target_order: int | None = None
+
+    def columns(self, width: int, side: int) -> int | None:
+        """Leading columns of the stored [k1 .. k8] this side uses (None: all)."""
+        if self.features == "atoms":
+            return None
+        order = (self.source_order, self.target_order)[side]
+        return width * (order or 1)  # pooling: the k1 block (sum pooling: times n_atoms)
+
+
+def comparisons(a) -> tuple[list[Comparison], list[Comparison]]:
+    """(between models, within one model) for the analysis config ``a``."""
+    between, within = [], []
+    if "atom" in a.levels:
+        between.append(Comparison("atom", "atoms"))
+    if "structure" in a.levels:
+        between.append(Comparison("structure", "cumulants", a.order, a.order))
+        between += [Comparison("structure", b) for b in a.baselines]
+        if a.order_metrics:
+            within = [Comparison("structure", "cumulants", n, n + 1) for n in range(1, MAX_ORDER)]
+            within.append(Comparison("structure", "cumulants", 1, MAX_ORDER))
+    return between, within
 
 
 @dataclass
@@ -190,19 +227,28 @@ def by_group(pointwise: dict[str, np.ndarray], groups: dict[str, np.ndarray]) ->
     return out
 
 
-def fit_in_memory(X: np.ndarray, Y: np.ndarray, rows_x: np.ndarray | None,
-                  rows_y: np.ndarray | None, train: np.ndarray, test: np.ndarray,
-                  metrics: tuple[str, ...], groups: dict[str, np.ndarray]) -> dict:
-    """The measures of X[rows_x] -> Y[rows_y] on the given split, in float64, and their
-    per-group breakdown (``groups``: labels of the test rows, in ``test`` order).
+def _view(M: np.ndarray, rows: np.ndarray | None, n_columns: int | None,
+          weights: np.ndarray | None) -> np.ndarray:
+    """``M[rows, :n_columns]`` in float64, each row times its weight (sum pooling)."""
+    out = np.asarray((M if rows is None else M[rows])[:, :n_columns], dtype=np.float64)
+    return out if weights is None else out * np.asarray(weights, dtype=np.float64)[:, None]
 
-    LFRE uses the paper's ``n_local_points = min(dim X, dim Y)``, capped by the number of
-    training rows on small data. CKA is computed on the training rows. Runs as a Ray task.
+
+def fit_in_memory(X: np.ndarray, Y: np.ndarray, view_x: tuple, view_y: tuple,
+                  train: np.ndarray, test: np.ndarray, metrics: tuple[str, ...],
+                  groups: dict[str, np.ndarray]) -> dict:
+    """The measures of ``X -> Y`` on the given split, in float64, and their per-group
+    breakdown (``groups``: labels of the test rows, in ``test`` order).
+
+    ``view_x``, ``view_y``: ``(rows, n_columns, weights)`` select each side's rows (the
+    structures both models processed), leading columns (a cumulant order) and row weights
+    (atom counts, for sum pooling) inside the task, so that the driver ships each model's
+    matrix once. LFRE uses the paper's ``n_local_points = min(dim X, dim Y)``, capped by the
+    number of training rows on small data; CKA is computed on the training rows. A Ray task.
     """
     from threadpoolctl import threadpool_limits
 
-    X = np.asarray(X if rows_x is None else X[rows_x], dtype=np.float64)
-    Y = np.asarray(Y if rows_y is None else Y[rows_y], dtype=np.float64)
+    X, Y = _view(X, *view_x), _view(Y, *view_y)
     pointwise, values = {}, {}
     # one BLAS thread per task: the task holds one CPU, and on small VMs a second BLAS
     # thread made LAPACK calls ~100x slower (measured: a 256x256 SVD, 12 ms vs 1.3 s)
@@ -257,20 +303,21 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
     fit = ray.remote(num_cpus=1)(fit_in_memory)
     a = config.analyses
     seeds = (a.seed, *a.spread_seeds)
-    jobs: list[tuple[dict, str, object]] = []
+    jobs: list[tuple[dict, tuple, str, object]] = []
     cache = _fit_cache(store)
     code = _code_digest()
     info: dict = {"paths": {}, "left_out": {}}
     models = [m.id for m in config.models]
 
-    def submit(base: dict, digest: dict, stratified: bool, launch) -> None:
+    def submit(base: dict, metrics: tuple[str, ...], digest: dict, stratified: bool,
+               launch) -> None:
         """Run a fit unless one with the same inputs is in ``results/fits.parquet``."""
         key = _digest({"row": {k: v for k, v in base.items() if k not in _DERIVED},
                        "source": digest[base["source"]], "target": digest[base["target"]],
-                       "metrics": sorted(a.metrics), "n_test": a.n_test, "code": code,
+                       "metrics": sorted(metrics), "n_test": a.n_test, "code": code,
                        "stratified": stratified})
-        done = key in cache and set(cache[key]["values"]) >= set(a.metrics)
-        jobs.append((base, key, None if done else launch()))
+        done = key in cache and set(cache[key]["values"]) >= set(metrics)
+        jobs.append((base, metrics, key, None if done else launch(metrics)))
 
     for d in config.datasets:
         stratified = d.subset_key is not None
@@ -303,29 +350,32 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
             if "structure" in a.levels:
                 _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
 
-            pairs = [(s, t) for s in present for t in present if s != t]
+            between, within = comparisons(a)
+            tasks = [(s, t, c, a.metrics) for s in present for t in present if s != t
+                     for c in between]
+            tasks += [(m, m, c, a.order_metrics) for m in present for c in within]
             if path == "in-memory":
                 launchers = _in_memory_launchers(store, d, chosen, n_shards, a, fit, log)
-            for src, tgt in pairs:
+            for src, tgt, comparison, metrics in tasks:
                 n_left = len(np.union1d(failed[src], failed[tgt]))
                 for seed in seeds:
-                    base = {"dataset": d.name, "source": src, "target": tgt,
-                            "layers": layer_name, "source_layer": chosen[src],
-                            "target_layer": chosen[tgt], "seed": seed,
-                            "n_structures": n_all - n_left, "n_left_out": n_left, "path": path}
-                    for level in [lv for lv in ("atom", "structure") if lv in a.levels]:
-                        row = {**base, "level": level,
-                               "order": a.order if level == "structure" else pd.NA}
-                        if path == "in-memory":
-                            launch = launchers(src, tgt, level, seed)
-                            row.update(launch.sizes)
-                        else:
-                            launch = _streaming_launcher(store, d.name, chosen, widths, src, tgt,
-                                                         level, seed, n_shards, a, stratified)
-                        submit(row, digest, stratified, launch)
+                    row = {"dataset": d.name, "source": src, "target": tgt,
+                           "layers": layer_name, "source_layer": chosen[src],
+                           "target_layer": chosen[tgt], "seed": seed,
+                           "n_structures": n_all - n_left, "n_left_out": n_left, "path": path,
+                           "level": comparison.level, "features": comparison.features,
+                           "source_order": comparison.source_order,
+                           "target_order": comparison.target_order}
+                    if path == "in-memory":
+                        launch = launchers(src, tgt, comparison, seed)
+                        row.update(launch.sizes)
+                    else:
+                        launch = _streaming_launcher(store, d.name, chosen, widths, src, tgt,
+                                                     comparison, seed, n_shards, a, stratified)
+                    submit(row, metrics, digest, stratified, launch)
 
     t0 = time.perf_counter()
-    pending = [future for _, _, future in jobs if future is not None]
+    pending = [future for *_, future in jobs if future is not None]
     log("analyse", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
                    f"unchanged), {len(pending)} to run")
     info["fits_run"], info["fits_reused"] = len(pending), len(jobs) - len(pending)
@@ -334,16 +384,16 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
         log("analyse", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
                        f"({time.perf_counter() - t0:.1f} s)")
     rows, group_rows = [], []
-    for base, key, future in jobs:
+    for base, metrics, key, future in jobs:
         if future is not None:
             cache[key] = ray.get(future)
         got = cache[key]
         sizes = {k: got[k] for k in ("n_train", "n_test") if k in got}
-        for metric in a.metrics:
+        for metric in metrics:
             rows.append({**base, **sizes, "metric": metric, "value": got["values"][metric]})
         for g in got["groups"]:
             group_rows.append({**{k: base[k] for k in GROUP_COLUMNS if k in base}, **g})
-    keys = [key for _, key, _ in jobs]
+    keys = [key for _, _, key, _ in jobs]
     store.write_table(store.path("results", "fits.parquet"), pa.table({
         "key": keys, "values": [json.dumps(cache[k], sort_keys=True) for k in keys]}))
     results = _write_results(store, "reconstruction", rows, RESULT_COLUMNS)
@@ -355,7 +405,8 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
 
 def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=columns)
-    table["order"] = table["order"].astype("Int64")
+    for column in _ORDER_COLUMNS:
+        table[column] = table[column].astype("Int64")
     store.write_bytes(store.path("results", f"{name}.csv"),
                       table.to_csv(index=False, float_format="%.10g").encode())
     store.write_table(store.path("results", f"{name}.parquet"),
@@ -364,18 +415,19 @@ def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]
 
 
 class _Launch:
-    """A deferred fit (called only when the cache misses) and the split sizes it will use."""
+    """A deferred fit (called with its metrics only when the cache misses) and the split
+    sizes it will use."""
 
     def __init__(self, call, sizes: dict | None = None):
         self.call, self.sizes = call, sizes or {}
 
-    def __call__(self):
-        return self.call()
+    def __call__(self, metrics):
+        return self.call(metrics)
 
 
 def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int, a, fit, log):
-    """Read every model's latents (and cumulants) once; return ``launch(src, tgt, level,
-    seed)`` for the fits of one (dataset, layer)."""
+    """Read every model's latents (and cumulants) once; return ``launch(src, tgt,
+    comparison, seed)`` for the fits of one (dataset, layer)."""
     import ray
 
     t = time.perf_counter()
@@ -385,21 +437,22 @@ def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int,
     structures = store.read_table(store.path("structures", f"dataset={d.name}")).to_pandas()
     subset_of = structures.set_index("structure_index")["subset"]
     done = {m: np.unique(x.structure_index) for m, x in latents.items()}
-    feats = {}
+    feats = {}  # model -> (structure_index, n_atoms, [k1 .. k8])
     if "structure" in a.levels:
         for m, layer in chosen.items():
             table = store.read_table(store.path("cumulants", f"dataset={d.name}",
                                                 f"model={m}", f"layer={layer}"), n_shards)
             order = np.argsort(table["structure_index"].to_numpy(), kind="stable")
             feats[m] = (table["structure_index"].to_numpy()[order],
-                        features_matrix(table["features"])[order][:, :latents[m].width * a.order])
+                        table["n_atoms"].to_numpy()[order],
+                        features_matrix(table["features"])[order])
     # each model's matrix goes to the object store once
     x_refs = {m: ray.put(x.X) for m, x in latents.items()}
-    f_refs = {m: ray.put(np.ascontiguousarray(f[1])) for m, f in feats.items()}
+    f_refs = {m: ray.put(np.ascontiguousarray(f[2])) for m, f in feats.items()}
 
-    def launch(src, tgt, level, seed):
+    def launch(src, tgt, comparison: Comparison, seed):
         common = np.intersect1d(done[src], done[tgt])
-        if level == "atom":
+        if comparison.level == "atom":
             A, B = latents[src], latents[tgt]
             ra, rb = A.rows_of(common), B.rows_of(common)
             if not np.array_equal(A.Z[ra], B.Z[rb]):
@@ -408,35 +461,38 @@ def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int,
             train, test = paper_split(len(ra), a.n_test, seed=seed,
                                       labels=labels if d.subset_key else None)
             groups = {"Z": A.Z[ra][test], "subset": labels[test]}
-            refs = (x_refs[src], x_refs[tgt])
+            refs, views = (x_refs[src], x_refs[tgt]), ((ra, None, None), (rb, None, None))
         else:
-            ia, ib = feats[src][0], feats[tgt][0]
+            (ia, na, _), (ib, nb, _) = feats[src], feats[tgt]
             ra, rb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
             labels = subset_of.loc[ia[ra]].to_numpy()
             train, test = paper_split(len(ra), structure_n_test(len(ra), a.n_test), seed=seed,
                                       labels=labels if d.subset_key else None)
             groups = {"subset": labels[test]}
+            summed = comparison.features == "sum"
             refs = (f_refs[src], f_refs[tgt])
-        return _Launch(lambda: fit.remote(refs[0], refs[1], ra, rb, train, test, a.metrics,
-                                          groups),
+            views = ((ra, comparison.columns(latents[src].width, 0), na[ra] if summed else None),
+                     (rb, comparison.columns(latents[tgt].width, 1), nb[rb] if summed else None))
+        return _Launch(lambda metrics: fit.remote(refs[0], refs[1], views[0], views[1], train,
+                                                  test, metrics, groups),
                        {"n_train": len(train), "n_test": len(test)})
 
     return launch
 
 
 def _streaming_launcher(store: Store, dataset: str, chosen: dict[str, str], widths: dict,
-                        src: str, tgt: str, level: str, seed: int, n_shards: int, a,
-                        stratified: bool):
+                        src: str, tgt: str, comparison: Comparison, seed: int, n_shards: int,
+                        a, stratified: bool):
     """A deferred streaming fit: a Ray task that itself runs the block tasks."""
     import ray
 
-    kind = "latents" if level == "atom" else "cumulants"
-    n_columns = (None, None) if level == "atom" else (widths[src] * a.order,
-                                                      widths[tgt] * a.order)
+    atoms = comparison.level == "atom"
     source = PairSource(store.uri, dataset, (src, chosen[src]), (tgt, chosen[tgt]),
-                        list(range(n_shards)), kind=kind, n_columns=n_columns,
-                        stratify=stratified)
+                        list(range(n_shards)), kind="latents" if atoms else "cumulants",
+                        n_columns=(comparison.columns(widths[src], 0),
+                                   comparison.columns(widths[tgt], 1)),
+                        sum_pooling=comparison.features == "sum", stratify=stratified)
     # the driver of one streaming fit holds no CPU: its block tasks do the work
     task = ray.remote(num_cpus=0)(fit_streaming)
-    return _Launch(lambda: task.remote(source, seed, a.n_test, stratified, level == "structure",
-                                       a.metrics))
+    return _Launch(lambda metrics: task.remote(source, seed, a.n_test, stratified, not atoms,
+                                               metrics))

@@ -26,7 +26,8 @@ class PairSource:
     """Source ``(model, layer)`` -> target ``(model, layer)`` rows of ``dataset``, by shard.
 
     ``kind``: ``"latents"`` (one row per atom) or ``"cumulants"`` (one row per structure; the
-    first ``n_columns`` feature columns, e.g. ``order * width``, or all when None).
+    first ``n_columns`` feature columns, e.g. ``order * width``, or all when None;
+    ``sum_pooling``: times the structure's atom count, so that k1, the mean, becomes the sum).
     ``stratify``: give the split each row's subset as its stratum.
     """
 
@@ -37,11 +38,14 @@ class PairSource:
     shards: list[int]
     kind: str = "latents"
     n_columns: tuple[int | None, int | None] = (None, None)
+    sum_pooling: bool = False
     stratify: bool = True
 
     def __post_init__(self):
         if self.kind not in ("latents", "cumulants"):
             raise ValueError(f"kind must be 'latents' or 'cumulants', got {self.kind!r}")
+        if self.sum_pooling and self.kind != "cumulants":
+            raise ValueError("sum_pooling needs kind='cumulants'")
         self.n_blocks = len(self.shards)
 
     def _file(self, model: str, layer: str, i: int) -> tuple[Store, str]:
@@ -61,7 +65,7 @@ class PairSource:
 
     def _columns(self, features: bool) -> list[str]:
         ids = _ID_COLUMNS if self.kind == "latents" else ["structure_id", "structure_index"]
-        extra = ["Z"] if self.kind == "latents" else ["subset"]
+        extra = ["Z"] if self.kind == "latents" else ["subset", "n_atoms"]
         return ids + extra + (["features"] if features else [])
 
     def _aligned(self, i: int, features: bool):
@@ -75,7 +79,7 @@ class PairSource:
             t = t.filter(np.isin(t["structure_index"].to_numpy(), common))
             out.append(t.sort_by([(k, "ascending") for k in keys]))
         a, b = out
-        for k in keys + (["Z"] if self.kind == "latents" else []):
+        for k in keys + (["Z"] if self.kind == "latents" else ["n_atoms"]):
             if not np.array_equal(a[k].to_numpy(), b[k].to_numpy()):
                 raise RuntimeError(f"{path_a} and {path_b}: rows of the common structures do "
                                    f"not align on {k!r}")
@@ -116,6 +120,9 @@ class PairSource:
         ids = self._ids(i, a)
         X, Y = (features_matrix(t["features"], self._width(t))[:, :n]
                 for t, n in zip((a, b), self.n_columns))
+        if self.sum_pooling:
+            n_atoms = a["n_atoms"].to_numpy().astype(np.float64)[:, None]
+            X, Y = X * n_atoms, Y * n_atoms
         groups = {"subset": ids["stratum"] if self.stratify else self._subset(i, a)}
         if self.kind == "latents":
             groups["Z"] = a["Z"].to_numpy()

@@ -15,6 +15,7 @@ import yaml
 DATASET_FORMATS = ("extxyz",)
 METRICS = ("gfre", "gfrd", "lfre", "cka")
 LEVELS = ("atom", "structure")
+BASELINES = ("mean", "sum")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,8 @@ class AnalysisConfig:
     n_test: int = 1000
     seed: int = 0
     order: int = 2  # cumulant order of the structure-level features
+    baselines: tuple[str, ...] = BASELINES  # pooled structure features compared beside cumulants
+    order_metrics: tuple[str, ...] = ("gfre", "lfre")  # within each model, order n -> n+1, 1 -> 8
     spread_seeds: tuple[int, ...] = ()  # more split seeds: each number is refitted, +- spread
     # above this size (every model's latents of one dataset and layer, as float32) the fits
     # stream from Parquet (mergeable statistics, hash split) instead of holding the rows
@@ -167,6 +170,10 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     a = analyses
     bad = sorted(set(a.metrics) - set(METRICS))
     _check(not bad, f"{source}: analyses.metrics: unknown {bad}; choose from {list(METRICS)}")
+    bad = sorted(set(a.order_metrics) - set(METRICS))
+    _check(not bad, f"{source}: analyses.order_metrics: unknown {bad}; choose from {list(METRICS)}")
+    bad = sorted(set(a.baselines) - set(BASELINES))
+    _check(not bad, f"{source}: analyses.baselines: unknown {bad}; choose from {list(BASELINES)}")
     bad = sorted(set(a.levels) - set(LEVELS))
     _check(not bad, f"{source}: analyses.levels: unknown {bad}; choose from {list(LEVELS)}")
     _positive_int(a.n_test, f"{source}: analyses.n_test")

@@ -49,6 +49,33 @@ def heatmap_png(matrix: pd.DataFrame, title: str, spread: pd.DataFrame | None = 
     return buffer.getvalue()
 
 
+def order_png(rows: pd.DataFrame, models: list[str], title: str) -> bytes:
+    """How much each cumulant order adds: the error of [k1..kn] -> [k1..kn+1] against n, one
+    line per model, and [k1] -> [k1..k8] in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    for model in [m for m in models if m in set(rows.source)]:
+        sub = rows[rows.source == model]
+        steps = sub[sub.target_order == sub.source_order + 1].sort_values("source_order")
+        full = sub[(sub.source_order == 1) & (sub.target_order == 8)].value
+        label = model + (f"  (k1 -> k1..k8: {full.iloc[0]:.3f})" if len(full) else "")
+        ax.plot(steps.source_order, steps.value, marker="o", label=label)
+    ax.set_xlabel("n: reconstructing [k1 .. k(n+1)] from [k1 .. kn]")
+    ax.set_ylabel("error")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", na_rep="", float_format="%.4f")
 
@@ -61,7 +88,8 @@ def _groups_html(store: Store, seed: int, n_elements: int = 10) -> str:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path, filesystem=store.fs).to_pandas()
-    table = table[table.seed == seed]
+    table = table[(table.seed == seed) & (table.source != table.target)
+                  & table.features.isin(["atoms", "cumulants"])]
     parts = []
     for (dataset, level, layers, metric, kind), sub in table.groupby(
             ["dataset", "level", "layers", "metric", "group_kind"], sort=False):
@@ -79,15 +107,30 @@ def _groups_html(store: Store, seed: int, n_elements: int = 10) -> str:
     return "\n".join(parts) or '<p class="note">No per-group numbers.</p>'
 
 
+def _remove_stale_figures(store: Store, current: set[str]) -> None:
+    """Figures of an earlier run that this report does not show (the results they drew are
+    gone from ``results/``) would mislead: remove them."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = store.fs.get_file_info(pafs.FileSelector(store.path("figures")))
+    except FileNotFoundError:
+        return
+    for info in infos:
+        if info.path.endswith(".png") and f"figures/{info.base_name}" not in current:
+            store.fs.delete_file(info.path)
+
+
 def write_report(config: Config, store: Store, results: pd.DataFrame, extraction: dict,
                  analysis_info: dict, provenance: dict, log) -> str:
     """Write figures/*.png and report.html; return the report's path."""
     models = [m.id for m in config.models]
     figures = []
-    keys = ["dataset", "metric", "level", "layers", "order"]
+    keys = ["dataset", "metric", "level", "features", "layers", "source_order"]
     seed = config.analyses.seed
-    for (dataset, metric, level, layers, order), sub in results.groupby(keys, dropna=False,
-                                                                       sort=False):
+    between = results[results.source != results.target]
+    for (dataset, metric, level, features, layers, order), sub in between.groupby(
+            keys, dropna=False, sort=False):
         present = [m for m in models if m in set(sub.source) | set(sub.target)]
         matrix = sub[sub.seed == seed].pivot(index="source", columns="target", values="value") \
             .reindex(index=present, columns=present)
@@ -95,14 +138,25 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
         if sub.seed.nunique() > 1:  # the sample standard deviation over the split seeds
             spread = sub.groupby(["source", "target"])["value"].std().unstack().reindex(
                 index=present, columns=present)
-        order_text = f", cumulant order {order}" if pd.notna(order) else ""
+        features_text = {"atoms": "", "cumulants": f", cumulants of order {order}",
+                         "mean": ", mean pooling", "sum": ", sum pooling"}[features]
         seeds_text = (f", ± sd over {sub.seed.nunique()} split seeds" if spread is not None
                       else "")
         title = (f"{METRIC_NAMES.get(metric, metric)}(A -> B), {level} level, layer {layers}"
-                 f"{order_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
+                 f"{features_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
                  f"{sub.path.iloc[0]} fit{seeds_text}")
-        name = f"{dataset}_{metric}_{level}_{layers}" + (f"_order{order}" if pd.notna(order) else "")
+        name = f"{dataset}_{metric}_{level}_{layers}" + {
+            "atoms": "", "cumulants": f"_order{order}", "mean": "_mean", "sum": "_sum"}[features]
         store.write_bytes(store.path("figures", f"{name}.png"), heatmap_png(matrix, title, spread))
+        figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
+    within = results[(results.source == results.target) & (results.seed == seed)]
+    for (dataset, metric, layers), sub in within.groupby(["dataset", "metric", "layers"],
+                                                         sort=False):
+        title = (f"{METRIC_NAMES.get(metric, metric)}([k1..kn] -> [k1..kn+1]) within each model, "
+                 f"layer {layers}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
+                 f"{sub.path.iloc[0]} fit")
+        name = f"{dataset}_{metric}_orders_{layers}"
+        store.write_bytes(store.path("figures", f"{name}.png"), order_png(sub, models, title))
         figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
 
     failures = []
@@ -180,5 +234,6 @@ listed here per model with the reason (from <code>failures/</code>).</p>
 """
     path = store.path("report.html")
     store.write_bytes(path, page.encode())
+    _remove_stale_figures(store, {src for src, _ in figures})
     log("report", f"{len(figures)} figure(s), report at {path}")
     return path

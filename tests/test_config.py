@@ -35,6 +35,8 @@ def test_output_override(tmp_path):
     (lambda c: c["analyses"].update(order=9), "analyses.order: an integer from 1 to 8"),
     (lambda c: c["analyses"].update(metrics=["gfre", "mse"]), "analyses.metrics: unknown ['mse']"),
     (lambda c: c["analyses"].update(layers=["top"]), "analyses.layers: 'top'"),
+    (lambda c: c["analyses"].update(baselines=["max"]), "analyses.baselines: unknown ['max']"),
+    (lambda c: c["analyses"].update(order_metrics=["r2"]), "analyses.order_metrics: unknown"),
     (lambda c: c["analyses"].update(spread_seeds=[0, 1]), "analyses.spread_seeds: distinct"),
     (lambda c: c["analyses"].update(in_memory_limit_mb=-1), "analyses.in_memory_limit_mb"),
     (lambda c: c["extraction"].update(batch_atoms=0), "extraction.batch_atoms: must be a positive"),

@@ -46,7 +46,7 @@ def job(tmp_path_factory):
             {"id": "sevennet-0", "family": "sevenn", "checkpoint": "7net-0", "layers": ["bb", "ll"]},
         ],
         "extraction": {"shard_size": 50, "batch_atoms": 400},
-        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2},
+        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2, "order_metrics": ["gfre"]},
     }, source="test")
     first = run(config, quiet=True)
     csv_first = (root / "out" / "results" / "reconstruction.csv").read_bytes()
@@ -57,7 +57,7 @@ def job(tmp_path_factory):
     # the same job forced onto the streaming path, with every metric and a second split seed
     streaming = run(dataclasses.replace(config, analyses=dataclasses.replace(
         config.analyses, in_memory_limit_mb=0, metrics=("gfre", "gfrd", "lfre", "cka"),
-        spread_seeds=(1,))), quiet=True)
+        spread_seeds=(1,), baselines=("sum",), order_metrics=())), quiet=True)
     yield {"config": config, "out": root / "out", "first": first, "second": second,
            "third": third, "frames": frames, "csv_first": csv_first, "csv_third": csv_third,
            "in_memory": pd.read_csv(io.BytesIO(csv_third)), "streaming": streaming}
@@ -157,8 +157,11 @@ def test_structure_level_uses_the_papers_cumulants(job):
     # structure-level GFRE at order 2 equals skmatter on those features and the paper's split
     results = job["in_memory"]
     assert set(results.path) == {"in-memory"}
-    row = results[(results.level == "structure") & (results.metric == "gfre")
-                  & (results.source == "chgnet-0.3.0")].iloc[0]
+    structure = results[(results.level == "structure") & (results.metric == "gfre")
+                        & (results.source == "chgnet-0.3.0")]
+    row = structure[(structure.features == "cumulants") & (structure.target == "sevennet-0")]
+    assert len(row) == 1
+    row = row.iloc[0]
     common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
     fx = np.stack(cum.set_index("structure_index").loc[common]["features"].to_numpy())[:, :128]
     other = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
@@ -168,20 +171,44 @@ def test_structure_level_uses_the_papers_cumulants(job):
     n_test = len(common) // 2  # fewer than 2000 structures: half of them
     train, test = train_test_split(np.arange(len(common)), test_size=n_test,
                                    random_state=0, stratify=labels)
-    assert row.order == 2 and row.n_test == n_test
+    assert row.source_order == row.target_order == 2 and row.n_test == n_test
     assert row.value == pytest.approx(
         global_reconstruction_error(fx, fy, test_idx=test, train_idx=train), rel=1e-8)
+    # the pooling baselines: mean and sum of the atom features, by pandas
+    sums = atoms[atoms.structure_index.isin(common)].groupby("structure_index")["features"].apply(
+        lambda f: np.stack(f.to_numpy()).astype(np.float64).sum(0))
+    sx = np.stack(sums.loc[common].to_numpy())
+    n_atoms = np.array([len(job["frames"][i]) for i in common])
+    fy1 = fy[:, :128] * n_atoms[:, None]  # sevennet-0's k1 (its mean), times the atom count
+    for features, X, Y in [("mean", sx / n_atoms[:, None], fy[:, :128]), ("sum", sx, fy1)]:
+        baseline = structure[(structure.features == features) & (structure.target == "sevennet-0")]
+        assert baseline.value.iloc[0] == pytest.approx(
+            global_reconstruction_error(X, Y, test_idx=test, train_idx=train), rel=1e-6)
+    # the order analysis: [k1 .. kn] -> [k1 .. kn+1] within one model, and k1 -> [k1 .. k8]
+    full = np.stack(cum.set_index("structure_index").loc[list(range(LAST - FIRST))]
+                    ["features"].to_numpy())
+    labels = np.array([a.info["subset"] for a in job["frames"]])
+    train, test = train_test_split(np.arange(len(full)), test_size=len(full) // 2,
+                                   random_state=0, stratify=labels)
+    orders = structure[structure.target == "chgnet-0.3.0"]
+    assert sorted(zip(orders.source_order, orders.target_order)) == \
+        [(1, 2), (1, 8), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
+    for n, m in [(1, 2), (3, 4), (1, 8)]:
+        got = orders[(orders.source_order == n) & (orders.target_order == m)].value.iloc[0]
+        assert got == pytest.approx(global_reconstruction_error(
+            full[:, :64 * n], full[:, :64 * m], test_idx=test, train_idx=train), rel=1e-8)
 
 
 def test_rerun_does_no_extraction_and_gives_identical_results(job):
     first, second = job["first"]["extraction"], job["second"]["extraction"]
     assert first["ran"] == 2 * 3 and first["skipped"] == 0  # 120 structures, shards of 50
     assert second["ran"] == 0 and second["skipped"] == 6
-    assert job["first"]["analysis"]["fits_run"] == 4  # 2 ordered pairs x 2 levels
+    # 2 ordered pairs x (atoms, cumulants, mean, sum) + 2 models x 8 order steps
+    assert job["first"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8
     assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
-    assert job["third"]["analysis"]["fits_run"] == 4
+    assert job["third"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8
     csv = job["csv_third"]
-    assert csv.count(b"\n") == 1 + 2 * 2 * 2  # header + metrics x levels x ordered pairs
+    assert csv.count(b"\n") == 1 + 2 * 4 * 2 + 2 * 8  # header, gfre+lfre between, gfre within
     assert csv == job["csv_first"]  # the third run fitted again from the latents: same bytes
 
 
@@ -189,7 +216,7 @@ def test_report_shows_every_figure_with_provenance(job):
     out = job["out"]
     page = (out / "report.html").read_text()
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(figures) == 8  # the last (streaming) run: 4 metrics x atom/structure, bb layer
+    assert len(figures) == 12  # the last (streaming) run: 4 metrics x (atoms, cumulants, sum)
     for name in figures:
         assert f'src="figures/{name}"' in page
     assert "sevennet-0" in page and "7net-0" in page
@@ -207,7 +234,8 @@ def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
     assert "datasets[0].format: 'cif' is not supported" in capsys.readouterr().err
 
 
-def _hash_split_reference(out, frames, level, source, target, seed, n_test, metrics):
+def _hash_split_reference(out, frames, level, source, target, seed, n_test, metrics,
+                          features="cumulants"):
     """The streaming path's numbers, recomputed from rows read back with pyarrow: the same
     engine on in-memory arrays (its equality with skmatter on given index sets is tested in
     test_streaming.py)."""
@@ -223,12 +251,15 @@ def _hash_split_reference(out, frames, level, source, target, seed, n_test, metr
         subset = tx.structure_index.map(lambda i: frames[i].info["subset"]).to_numpy()
         groups = {"Z": tx.Z.to_numpy(), "subset": subset}
     else:
-        def features(model):
+        def matrix(model):
             t = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
                 filter=(ds.field("model") == model)).to_pandas().set_index("structure_index")
-            return t.loc[common], np.stack(t.loc[common]["features"].to_numpy())[
-                :, :2 * width[model]]
-        (tx, X), (_, Y) = features(source), features(target)
+            t = t.loc[common]
+            F = np.stack(t["features"].to_numpy())
+            if features == "sum":  # k1 (the mean) times the atom count
+                return t, F[:, :width[model]] * t.n_atoms.to_numpy()[:, None]
+            return t, F[:, :2 * width[model]]
+        (tx, X), (_, Y) = matrix(source), matrix(target)
         ids, atom_index = tx.structure_id.to_numpy(), np.full(len(tx), -1)
         subset = tx.subset.to_numpy()
         groups = {"subset": subset}
@@ -240,18 +271,21 @@ def _hash_split_reference(out, frames, level, source, target, seed, n_test, metr
 
 def test_streaming_path_matches_the_engine_on_rows_read_back(job):
     assert job["streaming"]["analysis"]["paths"] == {"slice/bb": "streaming"}
-    assert job["streaming"]["analysis"]["fits_run"] == 2 * 2 * 2  # pairs x levels x seeds
+    # pairs x (atoms, cumulants, sum pooling) x seeds
+    assert job["streaming"]["analysis"]["fits_run"] == 2 * 3 * 2
     out = job["out"]
     results = pd.read_csv(out / "results" / "reconstruction.csv")
     assert set(results.path) == {"streaming"} and set(results.seed) == {0, 1}
-    assert len(results) == 4 * 2 * 2 * 2  # metrics x pairs x levels x seeds
-    for level, seed, (source, target) in [("atom", 0, ("chgnet-0.3.0", "sevennet-0")),
-                                          ("atom", 1, ("sevennet-0", "chgnet-0.3.0")),
-                                          ("structure", 0, ("sevennet-0", "chgnet-0.3.0"))]:
+    assert len(results) == 4 * 2 * 3 * 2  # metrics x pairs x comparisons x seeds
+    for level, features, seed, (source, target) in [
+            ("atom", "atoms", 0, ("chgnet-0.3.0", "sevennet-0")),
+            ("atom", "atoms", 1, ("sevennet-0", "chgnet-0.3.0")),
+            ("structure", "cumulants", 0, ("sevennet-0", "chgnet-0.3.0")),
+            ("structure", "sum", 1, ("chgnet-0.3.0", "sevennet-0"))]:
         ref, split = _hash_split_reference(out, job["frames"], level, source, target, seed, 300,
-                                           ("gfre", "gfrd", "lfre", "cka"))
+                                           ("gfre", "gfrd", "lfre", "cka"), features)
         rows = results[(results.level == level) & (results.seed == seed)
-                       & (results.source == source)]
+                       & (results.source == source) & (results.features == features)]
         assert len(rows) == 4
         for row in rows.itertuples():
             assert row.value == pytest.approx(ref.values[row.metric], rel=1e-9)
