@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import PairSource
+from .blocks import PairSource, read_cumulants
 from .config import Config
 from .cumulants import MAX_ORDER, cumulant_features
 from .reconstruction import (
@@ -152,13 +152,15 @@ def shard_cumulants(uri: str, dataset: str, model: str, layer: str, shard: int,
                     inputs_digest: str) -> bool:
     """Cumulant features (orders 1-8) of one latents shard; False when already up to date.
 
-    Writes ``cumulants/dataset=D/model=M/layer=L/part-SHARD.parquet``: one row per structure,
-    ``features`` = [k1 .. k8] (root-transformed, 8 * width float64 values).
+    Writes ``cumulants/dataset=D/model=M/layer=L/order=N/part-SHARD.parquet`` for N = 1..8:
+    one row per structure (structure_id, structure_index, n_atoms, subset), ``features`` =
+    k_N of every column (root-transformed for N >= 2; ``width`` float64 values). The order-n
+    descriptor of the paper is orders 1..n side by side.
     """
     store = Store(uri)
-    directory = store.path("cumulants", f"dataset={dataset}", f"model={model}", f"layer={layer}")
-    path = f"{directory}/{store.part(shard)}"
-    if store.parquet_metadata(path).get("latentray.inputs") == inputs_digest:
+    paths = [f"{store.cumulants_dir(dataset, model, layer, n)}/{store.part(shard)}"
+             for n in range(1, MAX_ORDER + 1)]
+    if all(store.parquet_metadata(p).get("latentray.inputs") == inputs_digest for p in paths):
         return False
     latents = pq.read_table(f"{store.latents_dir(dataset, model, layer)}/{store.part(shard)}",
                             filesystem=store.fs)
@@ -174,20 +176,19 @@ def shard_cumulants(uri: str, dataset: str, model: str, layer: str, shard: int,
         index, feats = np.zeros(0, np.int64), np.zeros((0, MAX_ORDER * width))
     _, n_atoms = np.unique(structure_index, return_counts=True)
     at = np.searchsorted(structures["structure_index"].to_numpy(), index)
-    n, values = feats.shape
-    table = pa.table({
-        "structure_id": structures["structure_id"].take(at),
-        "structure_index": pa.array(index, pa.int64()),
-        "n_atoms": pa.array(n_atoms, pa.int64()),
-        "subset": structures["subset"].take(at),
-        "features": pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * values, values, dtype=np.int32)),
-            pa.array(feats.reshape(-1))),
-    }).replace_schema_metadata({"latentray.inputs": inputs_digest,
-                                "latentray.width": str(width),
-                                "latentray.orders": str(MAX_ORDER),
-                                "latentray.layout": "k1[0:w] k2[w:2w] ... k8 (root-transformed)"})
-    store.write_table(path, table)
+    ids = {"structure_id": structures["structure_id"].take(at),
+           "structure_index": pa.array(index, pa.int64()),
+           "n_atoms": pa.array(n_atoms, pa.int64()),
+           "subset": structures["subset"].take(at)}
+    offsets = pa.array(np.arange(0, (len(index) + 1) * width, width, dtype=np.int32))
+    for n, path in enumerate(paths, start=1):
+        k_n = np.ascontiguousarray(feats[:, (n - 1) * width: n * width])
+        table = pa.table({**ids, "features": pa.ListArray.from_arrays(
+            offsets, pa.array(k_n.reshape(-1)))}).replace_schema_metadata({
+                "latentray.inputs": inputs_digest, "latentray.width": str(width),
+                "latentray.order": str(n),
+                "latentray.transform": "k1" if n == 1 else f"sign(k{n}) |k{n}|^(1/{n})"})
+        store.write_table(path, table)
     return True
 
 
@@ -440,12 +441,9 @@ def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int,
     feats = {}  # model -> (structure_index, n_atoms, [k1 .. k8])
     if "structure" in a.levels:
         for m, layer in chosen.items():
-            table = store.read_table(store.path("cumulants", f"dataset={d.name}",
-                                                f"model={m}", f"layer={layer}"), n_shards)
-            order = np.argsort(table["structure_index"].to_numpy(), kind="stable")
-            feats[m] = (table["structure_index"].to_numpy()[order],
-                        table["n_atoms"].to_numpy()[order],
-                        features_matrix(table["features"])[order])
+            table = read_cumulants(store, d.name, m, layer, MAX_ORDER, range(n_shards))
+            feats[m] = (table["structure_index"].to_numpy(), table["n_atoms"].to_numpy(),
+                        features_matrix(table["features"]))
     # each model's matrix goes to the object store once
     x_refs = {m: ray.put(x.X) for m, x in latents.items()}
     f_refs = {m: ray.put(np.ascontiguousarray(f[2])) for m, f in feats.items()}
@@ -489,8 +487,7 @@ def _streaming_launcher(store: Store, dataset: str, chosen: dict[str, str], widt
     atoms = comparison.level == "atom"
     source = PairSource(store.uri, dataset, (src, chosen[src]), (tgt, chosen[tgt]),
                         list(range(n_shards)), kind="latents" if atoms else "cumulants",
-                        n_columns=(comparison.columns(widths[src], 0),
-                                   comparison.columns(widths[tgt], 1)),
+                        orders=(comparison.source_order or 1, comparison.target_order or 1),
                         sum_pooling=comparison.features == "sum", stratify=stratified)
     # the driver of one streaming fit holds no CPU: its block tasks do the work
     task = ray.remote(num_cpus=0)(fit_streaming)

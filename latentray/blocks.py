@@ -13,6 +13,7 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .store import Store, features_matrix
@@ -21,13 +22,56 @@ from .streaming import Block
 _ID_COLUMNS = ["structure_id", "structure_index", "atom_index"]
 
 
+def read_cumulants(store: Store, dataset: str, model: str, layer: str, orders: int,
+                   shards, columns: list[str] | None = None) -> pa.Table:
+    """The order-``orders`` cumulant descriptor [k1 .. k_orders] of some shards, as one table.
+
+    Reads ``cumulants/.../order=1..orders/part-SHARD.parquet`` (rows in the same structure
+    order in every order's file, checked) and returns the id ``columns`` of order 1 (all by
+    default) with ``features`` = the orders side by side (``latentray.width``: their total).
+    """
+    if columns is not None and "features" not in columns:  # the ids alone: order 1's file
+        orders = 1
+    parts, width = [], None
+    for n in range(1, orders + 1):
+        directory = store.cumulants_dir(dataset, model, layer, n)
+        tables = []
+        for shard in shards:
+            path = posixpath.join(directory, store.part(shard))
+            try:
+                tables.append(pq.read_table(path, columns=None if n == 1 else
+                                            ["structure_index", "features"],
+                                            filesystem=store.fs))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: missing (cumulants of {model} {layer}, "
+                                        f"order {n}, shard {shard})") from None
+        table = pa.concat_tables(tables)
+        width = int(tables[0].schema.metadata[b"latentray.width"])
+        if parts and not np.array_equal(table["structure_index"].to_numpy(),
+                                        parts[0]["structure_index"].to_numpy()):
+            raise RuntimeError(f"{directory}: rows differ from order 1's")
+        parts.append(table)
+    ids = parts[0].drop_columns(["features"])
+    if columns is not None:
+        ids = ids.select([c for c in columns if c != "features"])
+        if "features" not in columns:
+            return ids
+    F = np.hstack([features_matrix(t["features"], width) for t in parts])
+    n_rows, total = F.shape
+    features = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (n_rows + 1) * total, total, dtype=np.int32)),
+        pa.array(F.reshape(-1)))
+    return ids.append_column("features", features).replace_schema_metadata(
+        {"latentray.width": str(total), "latentray.orders": str(orders)})
+
+
 @dataclass
 class PairSource:
     """Source ``(model, layer)`` -> target ``(model, layer)`` rows of ``dataset``, by shard.
 
-    ``kind``: ``"latents"`` (one row per atom) or ``"cumulants"`` (one row per structure; the
-    first ``n_columns`` feature columns, e.g. ``order * width``, or all when None;
-    ``sum_pooling``: times the structure's atom count, so that k1, the mean, becomes the sum).
+    ``kind``: ``"latents"`` (one row per atom) or ``"cumulants"`` (one row per structure: the
+    descriptors [k1 .. k_n] with ``n`` from ``orders``; ``sum_pooling``: k1 times the
+    structure's atom count, so that the mean becomes the sum).
     ``stratify``: give the split each row's subset as its stratum.
     """
 
@@ -37,7 +81,7 @@ class PairSource:
     target: tuple[str, str]
     shards: list[int]
     kind: str = "latents"
-    n_columns: tuple[int | None, int | None] = (None, None)
+    orders: tuple[int, int] = (1, 1)
     sum_pooling: bool = False
     stratify: bool = True
 
@@ -48,14 +92,16 @@ class PairSource:
             raise ValueError("sum_pooling needs kind='cumulants'")
         self.n_blocks = len(self.shards)
 
-    def _file(self, model: str, layer: str, i: int) -> tuple[Store, str]:
-        store = Store(self.uri)
-        return store, posixpath.join(
-            store.path(self.kind, f"dataset={self.dataset}", f"model={model}", f"layer={layer}"),
-            store.part(self.shards[i]))
-
-    def _read(self, side: tuple[str, str], i: int, columns: list[str]):
-        store, path = self._file(*side, i)
+    def _read(self, k: int, i: int, columns: list[str]):
+        """Side ``k`` (0: source, 1: target) of block ``i``, and where it was read from."""
+        store, (model, layer) = Store(self.uri), (self.source, self.target)[k]
+        if self.kind == "cumulants":
+            table = read_cumulants(store, self.dataset, model, layer, self.orders[k],
+                                   [self.shards[i]], columns)
+            return table, store.cumulants_dir(self.dataset, model, layer, 1)
+        path = posixpath.join(store.latents_dir(self.dataset, model, layer),
+                              store.part(self.shards[i]))
+        side = (model, layer)
         try:
             table = pq.read_table(path, columns=columns, filesystem=store.fs)
         except FileNotFoundError:
@@ -70,8 +116,7 @@ class PairSource:
 
     def _aligned(self, i: int, features: bool):
         """Both sides' tables restricted to the structures both processed, in dataset order."""
-        (a, path_a), (b, path_b) = (self._read(side, i, self._columns(features))
-                                    for side in (self.source, self.target))
+        (a, path_a), (b, path_b) = (self._read(k, i, self._columns(features)) for k in (0, 1))
         keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
         common = np.intersect1d(a["structure_index"].to_numpy(), b["structure_index"].to_numpy())
         out = []
@@ -84,13 +129,6 @@ class PairSource:
                 raise RuntimeError(f"{path_a} and {path_b}: rows of the common structures do "
                                    f"not align on {k!r}")
         return a, b
-
-    def _width(self, table) -> int:
-        """Values per row: the layer's width (latents), or 8 orders of it (cumulants)."""
-        meta = table.schema.metadata or {}
-        width = int(meta[b"latentray.width"])
-        return width * int(meta.get(b"latentray.orders", b"1")) if self.kind == "cumulants" \
-            else width
 
     def _subset(self, i: int, table) -> np.ndarray:
         if self.kind == "cumulants":
@@ -118,8 +156,8 @@ class PairSource:
     def read(self, i: int, offset: int) -> Block:
         a, b = self._aligned(i, features=True)
         ids = self._ids(i, a)
-        X, Y = (features_matrix(t["features"], self._width(t))[:, :n]
-                for t, n in zip((a, b), self.n_columns))
+        X, Y = (features_matrix(t["features"], int(t.schema.metadata[b"latentray.width"]))
+                for t in (a, b))
         if self.sum_pooling:
             n_atoms = a["n_atoms"].to_numpy().astype(np.float64)[:, None]
             X, Y = X * n_atoms, Y * n_atoms

@@ -6,7 +6,7 @@ Layout under ``OUTPUT`` (any local path or URI that ``pyarrow.fs`` knows)::
     latents/dataset=D/model=M/layer=L/part-00000.parquet   one row per atom
     failures/dataset=D/model=M/part-00000.parquet     one row per structure a model could not process
     manifest/dataset=D/model=M/part-00000.json         what produced the unit, with input hashes
-    cumulants/dataset=D/model=M/layer=L/part-0.parquet one row per structure
+    cumulants/dataset=D/model=M/layer=L/order=N/part-00000.parquet   one row per structure
     results/reconstruction.csv, results/reconstruction.parquet
     report.html, figures/*.png
 
@@ -67,6 +67,10 @@ class Store:
 
     def latents_dir(self, dataset: str, model: str, layer: str) -> str:
         return self.path("latents", f"dataset={dataset}", f"model={model}", f"layer={layer}")
+
+    def cumulants_dir(self, dataset: str, model: str, layer: str, order: int) -> str:
+        return self.path("cumulants", f"dataset={dataset}", f"model={model}", f"layer={layer}",
+                         f"order={order}")
 
     def failures_dir(self, dataset: str, model: str) -> str:
         return self.path("failures", f"dataset={dataset}", f"model={model}")

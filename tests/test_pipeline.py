@@ -137,14 +137,29 @@ def test_atom_level_numbers_equal_skmatter_on_the_same_rows(job):
         assert row.value == pytest.approx(expected[(row.metric, row.source)], rel=1e-8, abs=1e-10)
 
 
+def _cumulants(out, model):
+    """One row per structure (index, id, subset, n_atoms) and [k1 .. k8] side by side, read
+    from the order=N partitions with pyarrow."""
+    t = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
+        filter=ds.field("model") == model).to_pandas()
+    assert sorted(t["order"].unique()) == list(range(1, 9))
+    t = t.sort_values(["structure_index", "order"])
+    F = np.stack([np.concatenate(g.to_numpy()) for _, g in t.groupby("structure_index")
+                  ["features"]])
+    return t[t.order == 1].set_index("structure_index"), F
+
+
 def test_structure_level_uses_the_papers_cumulants(job):
     from skmatter.metrics import global_reconstruction_error
 
     out = job["out"]
-    cum = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
-        filter=(ds.field("model") == "chgnet-0.3.0") & (ds.field("layer") == "bb4")).to_pandas()
-    cum = cum.sort_values("structure_index")
-    assert len(cum) == LAST - FIRST
+    cum, full = _cumulants(out, "chgnet-0.3.0")
+    assert len(cum) == LAST - FIRST and set(cum.layer) == {"bb4"}
+    by_order = duckdb.sql(
+        f"select \"order\", count(*), min(len(features)), max(len(features)) from read_parquet("
+        f"'{out}/cumulants/**/*.parquet', hive_partitioning=true) where model = 'sevennet-0' "
+        f"group by all order by all").fetchall()
+    assert by_order == [(n, LAST - FIRST - 4, 128, 128) for n in range(1, 9)]
     _, atoms = _skmatter_rows(out, "chgnet-0.3.0", "bb4", range(LAST - FIRST))
     for s in [0, 11, 57]:  # the paper's recipe, per structure, with scipy's moments
         x = np.stack(atoms[atoms.structure_index == s]["features"].to_numpy()).astype(np.float64)
@@ -152,7 +167,7 @@ def test_structure_level_uses_the_papers_cumulants(job):
         k = [mu[1], mu[2], mu[3], mu[4] - 3 * mu[2] ** 2]
         ref = np.concatenate([k[0]] + [np.sign(k[n]) * np.abs(k[n]) ** (1 / (n + 1))
                                        for n in range(1, 4)])
-        got = np.asarray(cum[cum.structure_index == s]["features"].iloc[0])[:4 * 64]
+        got = full[s, :4 * 64]
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     # structure-level GFRE at order 2 equals skmatter on those features and the paper's split
     results = job["in_memory"]
@@ -163,10 +178,9 @@ def test_structure_level_uses_the_papers_cumulants(job):
     assert len(row) == 1
     row = row.iloc[0]
     common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
-    fx = np.stack(cum.set_index("structure_index").loc[common]["features"].to_numpy())[:, :128]
-    other = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
-        filter=(ds.field("model") == "sevennet-0")).to_pandas().set_index("structure_index")
-    fy = np.stack(other.loc[common]["features"].to_numpy())[:, :256]
+    fx = full[common, :128]
+    other, other_full = _cumulants(out, "sevennet-0")
+    fy = other_full[np.searchsorted(other.index.to_numpy(), common), :256]
     labels = np.array([job["frames"][i].info["subset"] for i in common])
     n_test = len(common) // 2  # fewer than 2000 structures: half of them
     train, test = train_test_split(np.arange(len(common)), test_size=n_test,
@@ -185,8 +199,6 @@ def test_structure_level_uses_the_papers_cumulants(job):
         assert baseline.value.iloc[0] == pytest.approx(
             global_reconstruction_error(X, Y, test_idx=test, train_idx=train), rel=1e-6)
     # the order analysis: [k1 .. kn] -> [k1 .. kn+1] within one model, and k1 -> [k1 .. k8]
-    full = np.stack(cum.set_index("structure_index").loc[list(range(LAST - FIRST))]
-                    ["features"].to_numpy())
     labels = np.array([a.info["subset"] for a in job["frames"]])
     train, test = train_test_split(np.arange(len(full)), test_size=len(full) // 2,
                                    random_state=0, stratify=labels)
@@ -252,10 +264,9 @@ def _hash_split_reference(out, frames, level, source, target, seed, n_test, metr
         groups = {"Z": tx.Z.to_numpy(), "subset": subset}
     else:
         def matrix(model):
-            t = ds.dataset(out / "cumulants", format="parquet", partitioning="hive").to_table(
-                filter=(ds.field("model") == model)).to_pandas().set_index("structure_index")
-            t = t.loc[common]
-            F = np.stack(t["features"].to_numpy())
+            t, F = _cumulants(out, model)
+            rows = np.searchsorted(t.index.to_numpy(), common)
+            t, F = t.iloc[rows], F[rows]
             if features == "sum":  # k1 (the mean) times the atom count
                 return t, F[:, :width[model]] * t.n_atoms.to_numpy()[:, None]
             return t, F[:, :2 * width[model]]
