@@ -54,13 +54,16 @@ def job(tmp_path_factory):
     (root / "out" / "results" / "fits.parquet").unlink()  # the fits again, from the latents
     third = run(config, quiet=True)
     csv_third = (root / "out" / "results" / "reconstruction.csv").read_bytes()
+    report_third = (root / "out" / "report.html").read_text()
+    order_figures = sorted(p.name for p in (root / "out" / "figures").glob("*_orders_*.png"))
     # the same job forced onto the streaming path, with every metric and a second split seed
     streaming = run(dataclasses.replace(config, analyses=dataclasses.replace(
         config.analyses, in_memory_limit_mb=0, metrics=("gfre", "gfrd", "lfre", "cka"),
         spread_seeds=(1,), baselines=("sum",), order_metrics=())), quiet=True)
     yield {"config": config, "out": root / "out", "first": first, "second": second,
            "third": third, "frames": frames, "csv_first": csv_first, "csv_third": csv_third,
-           "in_memory": pd.read_csv(io.BytesIO(csv_third)), "streaming": streaming}
+           "in_memory": pd.read_csv(io.BytesIO(csv_third)), "streaming": streaming,
+           "report_third": report_third, "order_figures": order_figures}
     ray.shutdown()
 
 
@@ -236,6 +239,10 @@ def test_report_shows_every_figure_with_provenance(job):
     assert len(description["checkpoint_sha256"]) == 64
     assert description["checkpoint_sha256"][:16] in page
     assert "Po" in page  # the reason structures were left out
+    # the in-memory run's report: the order analysis as a plot, and the pooling baselines
+    assert job["order_figures"] == ["slice_gfre_orders_bb.png"]
+    assert 'src="figures/slice_gfre_orders_bb.png"' in job["report_third"]
+    assert "mean pooling" in job["report_third"] and "sum pooling" in job["report_third"]
 
 
 def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
