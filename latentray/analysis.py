@@ -323,7 +323,7 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
     for d in config.datasets:
         stratified = d.subset_key is not None
         n_all = extraction["datasets"][d.name]["structures"]
-        n_shards = -(-n_all // config.extraction.shard_size)
+        n_shards = extraction["datasets"][d.name]["shards"]
         for layer_name in a.layers:
             chosen = {m: concrete_layer(layer_name, extraction["layers"][m]) for m in models}
             missing = [m for m, layer in chosen.items() if layer is None]

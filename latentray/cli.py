@@ -1,4 +1,9 @@
-"""Command line: ``latentray run CONFIG [--output DIR] [--limit N] [--address ADDR]``."""
+"""Command line.
+
+``latentray run CONFIG [--output DIR] [--limit N] [--address ADDR]``: the whole job.
+``latentray prepare CONFIG|INPUT --output DIR [--format F] [--name N] [--shard-size S]``:
+datasets (every one of a config, or one input file) -> sharded structures Parquet.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,52 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job: extraction, cumulants, fits, report")
     run.add_argument("config", help="YAML config (see jobs/configs/demo.yaml)")
     add_run_options(run)
+    prep = sub.add_parser("prepare", help="convert datasets to sharded structures Parquet")
+    prep.add_argument("input", help="a YAML config (its datasets) or one input file/glob")
+    prep.add_argument("--output", required=True, help="output directory or URI")
+    prep.add_argument("--format", default=None,
+                      help="format of INPUT: extxyz, mptrj-json, ase-db, parquet "
+                           "(default: from the file name)")
+    prep.add_argument("--name", default=None, help="dataset name (default: the file's stem)")
+    prep.add_argument("--subset-key", default="subset", help="info key / field of the subset")
+    prep.add_argument("--shard-size", type=int, default=250, help="structures per shard")
+    prep.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     return parser
+
+
+def _guess_format(path: str) -> str:
+    name = path.lower()
+    for suffix, fmt in ((".json", "mptrj-json"), (".db", "ase-db"), (".parquet", "parquet"),
+                        (".xyz", "extxyz"), (".extxyz", "extxyz")):
+        if name.endswith(suffix):
+            return fmt
+    raise ConfigError(f"cannot tell the format of {path!r}: give --format")
+
+
+def prepare_from_args(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import parse_dataset
+    from .prepare import prepare_dataset
+
+    try:
+        if args.shard_size <= 0:
+            raise ConfigError(f"--shard-size must be a positive integer, got {args.shard_size}")
+        if args.input.endswith((".yaml", ".yml")):
+            datasets = load_config(args.input, output=args.output).datasets
+        else:
+            name = args.name or Path(args.input).stem.replace(" ", "-")
+            raw = {"name": name, "path": args.input,
+                   "format": args.format or _guess_format(args.input),
+                   "subset_key": args.subset_key, "on_error": args.on_error}
+            datasets = [parse_dataset(raw, "latentray prepare")]
+        for dataset in datasets:
+            prepare_dataset(dataset, args.output, args.shard_size,
+                            log=lambda m: print(f"latentray prepare: {m}"))
+    except (ConfigError, DatasetError) as exc:
+        print(f"latentray: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run_from_args(args)
+    if args.command == "prepare":
+        return prepare_from_args(args)
     return 2
 
 

@@ -12,7 +12,10 @@ from typing import Any
 
 import yaml
 
-DATASET_FORMATS = ("extxyz",)
+from .store import INPUT
+
+from .datasets import FORMATS as DATASET_FORMATS
+from .datasets import Filters
 METRICS = ("gfre", "gfrd", "lfre", "cka")
 LEVELS = ("atom", "structure")
 BASELINES = ("mean", "sum")
@@ -29,6 +32,8 @@ class DatasetConfig:
     format: str = "extxyz"
     subset_key: str | None = "subset"
     limit: int | None = None  # read only the first N structures
+    filters: Filters = Filters()  # min_atoms, exclude_elements, max_neighbour_distance
+    on_error: str = "raise"  # or "skip": an unreadable frame goes to failures/ (model=input)
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,36 @@ def _build(cls, raw: Any, where: str):
     return cls(**values)
 
 
+def _dataset(raw: Any, where: str) -> DatasetConfig:
+    if isinstance(raw, dict) and "filters" in raw:
+        raw = {**raw, "filters": _build(Filters, raw["filters"] or {}, f"{where}.filters")}
+    return _build(DatasetConfig, raw, where)
+
+
+def parse_dataset(raw: Any, where: str) -> DatasetConfig:
+    """One ``datasets`` entry, built and validated."""
+    d = _dataset(raw, where)
+    _check(isinstance(d.name, str) and d.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+           f"{where}.name: use letters, digits, '-', '_', '.', got {d.name!r}")
+    if d.limit is not None:
+        _positive_int(d.limit, f"{where}.limit")
+    _check(d.format in DATASET_FORMATS,
+           f"{where}.format: {d.format!r} is not supported; choose from {list(DATASET_FORMATS)}")
+    _check(d.on_error in ("raise", "skip"),
+           f"{where}.on_error: 'raise' or 'skip', got {d.on_error!r}")
+    f = d.filters
+    _check(isinstance(f.min_atoms, int) and f.min_atoms >= 1,
+           f"{where}.filters.min_atoms: an integer >= 1, got {f.min_atoms!r}")
+    from ase.data import chemical_symbols
+
+    bad = [e for e in f.exclude_elements if e not in chemical_symbols[1:]]
+    _check(not bad, f"{where}.filters.exclude_elements: not element symbols: {bad}")
+    _check(f.max_neighbour_distance is None or (
+        isinstance(f.max_neighbour_distance, (int, float)) and f.max_neighbour_distance > 0),
+           f"{where}.filters.max_neighbour_distance: a positive distance in A, or null")
+    return d
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -127,7 +162,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     for key in ("datasets", "models"):
         _check(isinstance(raw[key], list) and raw[key], f"{source}: {key!r} must be a non-empty list")
 
-    datasets = tuple(_build(DatasetConfig, d, f"{source}: datasets[{i}]")
+    datasets = tuple(parse_dataset(d, f"{source}: datasets[{i}]")
                      for i, d in enumerate(raw["datasets"]))
     models = tuple(_build(ModelConfig, {k: (str(v) if k == "checkpoint" else v)
                                         for k, v in m.items()} if isinstance(m, dict) else m,
@@ -136,14 +171,6 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     extraction = _build(ExtractionConfig, raw.get("extraction") or {}, f"{source}: extraction")
     analyses = _build(AnalysisConfig, raw.get("analyses") or {}, f"{source}: analyses")
 
-    for i, d in enumerate(datasets):
-        where = f"{source}: datasets[{i}]"
-        _check(isinstance(d.name, str) and d.name.replace("-", "").replace("_", "").replace(".", "").isalnum(),
-               f"{where}.name: use letters, digits, '-', '_', '.', got {d.name!r}")
-        if d.limit is not None:
-            _positive_int(d.limit, f"{where}.limit")
-        _check(d.format in DATASET_FORMATS,
-               f"{where}.format: {d.format!r} is not supported; choose from {list(DATASET_FORMATS)}")
     names = [d.name for d in datasets]
     _check(len(set(names)) == len(names), f"{source}: dataset names repeat: {names}")
 
@@ -157,6 +184,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
                f"{where}.layers: a list of layer names such as [bb, ll] or [all]")
     ids = [m.id for m in models]
     _check(len(set(ids)) == len(ids), f"{source}: model ids repeat: {ids}")
+    _check(INPUT not in ids, f"{source}: model id {INPUT!r} is reserved (failures/ of the "
+                             f"frames that could not be read)")
 
     e = extraction
     _positive_int(e.shard_size, f"{source}: extraction.shard_size")

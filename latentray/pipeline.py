@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .config import Config, config_to_dict
 from .datasets import iter_shards
 from .extract import ExtractionWorker, unit_inputs
 from .models.base import resolve_layers
-from .store import Store
+from .store import FAILURE_SCHEMA, INPUT, Store
 
 
 @dataclass
@@ -83,36 +84,55 @@ def _n_actors(config: Config, ray, pending: int) -> int:
     return max(1, min(n, max(pending, 1)))
 
 
+def write_shard_tables(store: Store, shard) -> None:
+    """A shard's structures (with geometry), the frames that could not be read
+    (``failures/.../model=input``) and those the filters dropped (``dropped/``); structures
+    are rewritten only when their content changed (keeps re-runs cheap)."""
+    path = store.structures_path(shard.dataset, shard.shard)
+    if store.parquet_metadata(path).get("latentray.shard_sha256") != shard.content_hash():
+        store.write_table(path, shard.table())
+    store.write_table(
+        posixpath.join(store.failures_dir(shard.dataset, INPUT), store.part(shard.shard)),
+        pa.table({"structure_id": pa.array([f for f, _ in shard.failures], pa.string()),
+                  "structure_index": pa.array([-1] * len(shard.failures), pa.int64()),
+                  "n_atoms": pa.array([-1] * len(shard.failures), pa.int64()),
+                  "stage": pa.array(["read"] * len(shard.failures), pa.string()),
+                  "reason": pa.array([r for _, r in shard.failures], pa.string())},
+                 schema=FAILURE_SCHEMA))
+    store.write_table(
+        store.path("dropped", f"dataset={shard.dataset}", store.part(shard.shard)),
+        pa.table({"structure_id": pa.array([f for f, _ in shard.dropped], pa.string()),
+                  "reason": pa.array([r for _, r in shard.dropped], pa.string())}))
+
+
 def run_extraction(config: Config, store: Store, ray, log: StageLog,
                    limit: int | None = None) -> dict:
     """Read datasets, run every pending (shard, model) unit; return the extraction summary."""
     e = config.extraction
     shards = []  # (dataset, shard number, hash, object ref, n structures, n atoms)
+    counts = {}
     with log.timed("read"):
         for d in config.datasets:
-            n_structures = n_atoms = 0
             n_max = min(x for x in (limit, d.limit, float("inf")) if x is not None)
             n_max = None if n_max == float("inf") else int(n_max)
-            for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size, n_max):
-                table = pa.table({
-                    "structure_id": pa.array(shard.structure_id.tolist(), pa.string()),
-                    "structure_index": shard.structure_index,
-                    "n_atoms": shard.n_atoms,
-                    "subset": pa.array(shard.subset.tolist(), pa.string()),
-                    "energy": shard.energy,
-                })
-                shard_hash = shard.content_hash()
-                path = store.structures_path(d.name, shard.shard)
-                # rewrite only when the content changed (keeps re-runs cheap)
-                if store.parquet_metadata(path).get("latentray.shard_sha256") != shard_hash:
-                    store.write_table(path, table.replace_schema_metadata(
-                        {"latentray.shard_sha256": shard_hash}))
-                shards.append((d.name, shard.shard, shard_hash, ray.put(shard), len(shard),
-                               int(shard.n_atoms.sum())))
-                n_structures += len(shard)
-                n_atoms += int(shard.n_atoms.sum())
-            log("read", f"{d.name}: {n_structures} structures, {n_atoms} atoms, "
-                        f"{sum(1 for s in shards if s[0] == d.name)} shard(s) of {e.shard_size}")
+            c = counts[d.name] = {"structures": 0, "atoms": 0, "shards": 0, "failed": 0,
+                                  "dropped": 0}
+            for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size,
+                                     n_max, d.filters, d.on_error):
+                write_shard_tables(store, shard)
+                shards.append((d.name, shard.shard, shard.content_hash(), ray.put(shard),
+                               len(shard), int(shard.n_atoms.sum())))
+                c["structures"] += len(shard)
+                c["atoms"] += int(shard.n_atoms.sum())
+                c["shards"] += 1
+                c["failed"] += len(shard.failures)
+                c["dropped"] += len(shard.dropped)
+                for structure_id, reason in shard.failures[:3]:
+                    log("read", f"    cannot read {structure_id}: {reason}")
+            log("read", f"{d.name}: {c['structures']} structures, {c['atoms']} atoms, "
+                        f"{c['shards']} shard(s) of {e.shard_size}; {c['failed']} frame(s) "
+                        f"could not be read (failures/), {c['dropped']} dropped by filters "
+                        f"(dropped/)")
 
     worker_cls = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor,
                             max_restarts=2, max_task_retries=2)(ExtractionWorker)
@@ -193,9 +213,7 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
     for actor in actors:
         ray.kill(actor)
     return {"descriptions": descriptions, "layers": layers, "totals": totals,
-            "datasets": {d.name: {"structures": sum(s[4] for s in shards if s[0] == d.name),
-                                  "atoms": sum(s[5] for s in shards if s[0] == d.name)}
-                         for d in config.datasets}}
+            "datasets": counts}
 
 
 def run(config: Config, *, limit: int | None = None, address: str | None = None,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .store import Store
+from .store import INPUT, Store
 
 METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD", "cka": "linear CKA"}
 
@@ -161,7 +161,7 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
 
     failures = []
     for d in config.datasets:
-        for m in models:
+        for m in [INPUT] + models:  # INPUT: frames that could not be read at all
             table = store.read_table(store.failures_dir(d.name, m))
             if table is not None and table.num_rows:
                 df = table.to_pandas()

@@ -5,6 +5,8 @@ Layout under ``OUTPUT`` (any local path or URI that ``pyarrow.fs`` knows)::
     structures/dataset=D/part-00000.parquet            one row per structure read
     latents/dataset=D/model=M/layer=L/part-00000.parquet   one row per atom
     failures/dataset=D/model=M/part-00000.parquet     one row per structure a model could not process
+    failures/dataset=D/model=input/part-00000.parquet one row per frame that could not be read
+    dropped/dataset=D/part-00000.parquet              one row per structure a filter dropped
     manifest/dataset=D/model=M/part-00000.json         what produced the unit, with input hashes
     cumulants/dataset=D/model=M/layer=L/order=N/part-00000.parquet   one row per structure
     results/reconstruction.csv, results/reconstruction.parquet
@@ -35,6 +37,9 @@ LATENT_SCHEMA = pa.schema([
     ("Z", pa.int16()),
     ("features", pa.list_(pa.float32())),
 ])
+
+#: The ``model`` partition of ``failures/`` for frames that could not be read at all.
+INPUT = "input"
 
 FAILURE_SCHEMA = pa.schema([
     ("structure_id", pa.string()),

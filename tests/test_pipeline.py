@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -20,6 +22,7 @@ from latentray.config import parse_config
 from latentray.datasets import resolve_paths
 
 pytestmark = pytest.mark.slow
+DATA = Path(__file__).parent / "data"
 
 # MAD structures 280..399: four of them hold Po or Rn, which SevenNet-0 does not know
 FIRST, LAST = 280, 400
@@ -336,3 +339,45 @@ def test_per_element_and_per_subset_errors_add_up(job):
     page = (out / "report.html").read_text()
     assert "Which chemistry is hard to reconstruct" in page
     assert "streaming fit, ± sd over 2 split seeds" in page  # in the figure captions
+
+
+def test_an_mptrj_json_dataset_runs_end_to_end(tmp_path):
+    """format: mptrj-json through `latentray run`: frame ids as structure ids, a bad frame
+    skipped into failures/ (model=input), a filter's drop counted."""
+    docs = json.loads((DATA / "mptrj-sample.json").read_text())
+    material = list(docs.values())[1]
+    frame_ids = list(material)
+    material[frame_ids[0]]["structure"]["sites"][0]["species"][0]["element"] = "Xx"
+    (tmp_path / "mptrj.json").write_text(json.dumps(docs))
+    config = tmp_path / "mptrj.yaml"
+    config.write_text(f"""
+output: {tmp_path / "out"}
+datasets:
+  - {{name: mptrj, path: {tmp_path / "mptrj.json"}, format: mptrj-json, subset_key: mp_id,
+     on_error: skip, filters: {{exclude_elements: [Ba]}}}}
+models:
+  - {{id: chgnet-0.3.0, family: chgnet, checkpoint: "0.3.0", layers: [bb]}}
+  - {{id: chgnet-r2scan, family: chgnet, checkpoint: r2scan, layers: [bb]}}
+extraction: {{shard_size: 4}}
+analyses: {{n_test: 100, metrics: [gfre], order_metrics: [], baselines: []}}
+""")
+    assert main(["run", str(config), "--quiet"]) == 0
+    out = tmp_path / "out"
+    run = json.loads((out / "run.json").read_text())
+    counts = run["provenance"]["datasets"]["mptrj"]
+    n_ba = sum(any(s["species"][0]["element"] == "Ba" for s in doc["structure"]["sites"])
+               for m in docs.values() for doc in m.values())
+    assert counts["failed"] == 1 and counts["dropped"] == n_ba
+    assert counts["structures"] + counts["failed"] + counts["dropped"] == 11
+    failures = ds.dataset(out / "failures", format="parquet", partitioning="hive").to_table(
+        filter=ds.field("model") == "input").to_pandas()
+    assert failures.structure_id.tolist() == [f"mptrj:{frame_ids[0]}"]
+    assert "unknown element symbol 'Xx'" in failures.reason.iloc[0]
+    latents = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table(
+        filter=ds.field("model") == "chgnet-0.3.0").to_pandas()
+    kept = [f"mptrj:{fid}" for m in docs.values() for fid, doc in m.items()
+            if fid != frame_ids[0] and not any(s["species"][0]["element"] == "Ba"
+                                               for s in doc["structure"]["sites"])]
+    assert sorted(latents.structure_id.unique()) == sorted(kept)
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    assert len(results) == 2 * 2 and results.value.notna().all()  # 2 pairs x 2 levels
