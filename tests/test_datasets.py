@@ -241,3 +241,28 @@ def test_a_100000_frame_mptrj_json_reads_with_flat_memory(tmp_path):
     assert n == 100_000
     assert path.stat().st_size > 40e6  # tens of MB of JSON ...
     assert peak_kib < 1024 * 1024  # ... read in under 1 GB (the whole process)
+
+
+def test_prepare_every_dataset_of_a_config(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"""
+output: unused
+datasets:
+  - {{name: mad, path: builtin:mad-val-1000, limit: 40, filters: {{min_atoms: 2}}}}
+  - {{name: mp, path: {MPTRJ}, format: mptrj-json, subset_key: n_elements}}
+models: [{{id: m, family: chgnet, checkpoint: "0.3.0"}}]
+""")
+    assert main(["prepare", str(config), "--output", str(tmp_path / "out"),
+                 "--shard-size", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "mad: 40 structures" in printed and "mp: 11 structures" in printed
+    mp = _frames(tmp_path / "out" / "structures" / "dataset=mp", "parquet")
+    from pymatgen.core import Structure
+
+    expected = [str(len(Structure.from_dict(doc["structure"]).composition.elements))
+                for material in _mptrj_docs().values() for doc in material.values()]
+    assert [m["subset"] for m in mp] == expected  # n_elements, by pymatgen
+    dropped = pq.read_table(tmp_path / "out" / "dropped" / "dataset=mad").to_pandas()
+    assert len(dropped) == sum(len(a) == 1 for a in read(MAD, index=f":{40 + len(dropped)}"))
+    assert main(["prepare", str(tmp_path / "nothing.cif"), "--output", str(tmp_path)]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
