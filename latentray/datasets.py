@@ -198,10 +198,12 @@ def _read_mptrj(path: Path, subset_key: str | None, start_index: int):
                         yield _mptrj_frame(frame_id, doc, subset_key, f"{path}:{frame_id}")
                     except FrameError as exc:
                         yield frame_id, exc
-        except ijson.JSONError as exc:
+        except ijson.JSONError as exc:  # the rest of the file cannot be read: one failure
             after = f"after frame {last}" if last else "in the first material"
-            raise DatasetError(f"{path}: invalid or truncated JSON {after} (near byte "
-                               f"{stream.tell()}): {exc}") from exc
+            where = stream.tell()
+            yield f"(rest of {path.name} from byte {where})", FrameError(
+                f"invalid or truncated JSON {after} (near byte {where}): "
+                f"{str(exc).splitlines()[0]}")
 
 
 def _read_ase_db(path: Path, subset_key: str | None, start_index: int):

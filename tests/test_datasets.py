@@ -161,15 +161,19 @@ def test_truncated_json_keeps_the_frames_before_it(tmp_path):
     text = MPTRJ.read_text()
     path = tmp_path / "truncated.json"
     path.write_text(text[: int(len(text) * 0.7)])
-    with pytest.raises(DatasetError, match=r"truncated.json: invalid or truncated JSON after "
+    with pytest.raises(DatasetError, match=r"truncated.json: .*invalid or truncated JSON after "
                                            r"frame mp-"):
         list(iter_frames("d", str(path), "mptrj-json"))
-    # frames before the damage were read (iter_frames yields them before raising)
+    shards = list(iter_shards("d", str(path), "mptrj-json", on_error="skip"))
+    failures = [f for s in shards for f in s.failures]
+    assert len(failures) == 1 and "invalid or truncated JSON" in failures[0][1]
+    # frames before the damage were read (iter_frames yields them before raising) and kept
     seen = []
     with pytest.raises(DatasetError):
         for frame in iter_frames("d", str(path), "mptrj-json"):
             seen.append(frame)
     assert 0 < len(seen) < 11
+    assert sum(len(s) for s in shards) == len(seen)
 
 
 def test_invalid_json_names_the_file_and_where(tmp_path):
@@ -177,8 +181,8 @@ def test_invalid_json_names_the_file_and_where(tmp_path):
     material = list(docs.values())[1]
     next(iter(material.values()))["structure"]["sites"][0]["abc"] = [float("nan"), 0, 0]
     path = _write_json(tmp_path / "nan-literal.json", docs)  # NaN: not JSON
-    with pytest.raises(DatasetError, match=r"nan-literal.json: invalid or truncated JSON after "
-                                           r"frame mp-1393488-0-0 \(near byte \d+\)"):
+    with pytest.raises(DatasetError, match=r"nan-literal.json: .*invalid or truncated JSON "
+                                           r"after frame mp-1393488-0-0 \(near byte \d+\)"):
         list(iter_frames("d", str(path), "mptrj-json"))
 
 
