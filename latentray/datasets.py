@@ -228,17 +228,31 @@ def _read_ase_db(path: Path, subset_key: str | None, start_index: int):
 
 
 def _read_parquet(path: Path, subset_key: str | None, start_index: int):
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    def flat(column, dtype):
+        """A list column as (values, offsets) numpy arrays: no Python object per value."""
+        return (pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype),
+                column.offsets.to_numpy())
 
     try:
         file = pq.ParquetFile(str(path))
-        for batch in file.iter_batches(batch_size=1024, columns=list(STRUCTURE_COLUMNS)):
-            table = batch.to_pydict()
-            for i, native in enumerate(table["native_id"]):
+        for batch in file.iter_batches(batch_size=4096, columns=list(STRUCTURE_COLUMNS)):
+            numbers, n_off = flat(batch.column("numbers"), np.int64)
+            positions, p_off = flat(batch.column("positions"), np.float64)
+            cells, c_off = flat(batch.column("cell"), np.float64)
+            pbc, b_off = flat(batch.column("pbc"), bool)
+            native_ids = batch.column("native_id").to_pylist()
+            subsets = batch.column("subset").to_pylist()
+            energies = batch.column("energy").to_numpy(zero_copy_only=False)
+            for i, native in enumerate(native_ids):
                 try:
-                    yield _checked(native, table["numbers"][i], table["positions"][i],
-                                   table["cell"][i], table["pbc"][i], table["subset"][i],
-                                   table["energy"][i], f"{path}:{native}")
+                    yield _checked(native, numbers[n_off[i]: n_off[i + 1]],
+                                   positions[p_off[i]: p_off[i + 1]],
+                                   cells[c_off[i]: c_off[i + 1]], pbc[b_off[i]: b_off[i + 1]],
+                                   subsets[i], energies[i],
+                                   f"{path}:{native}")
                 except FrameError as exc:
                     yield native, exc
     except (OSError, KeyError, ValueError) as exc:
