@@ -7,6 +7,7 @@ model run by ``sevenn.calculator.SevenNetCalculator``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,29 @@ def test_every_packaged_checkpoint_runs(family, checkpoint, modality, n_blocks, 
     for layer, w in expected.items():
         assert out[layer].shape == (_n_atoms(frames), w)
         assert out[layer].dtype == np.float32 and np.isfinite(out[layer]).all()
+
+
+# -- a third-party family, found through the entry point alone -------------------------------
+
+PLUGIN = Path(__file__).parent / "plugin"
+
+
+def test_a_third_party_family_is_found_through_its_entry_point(monkeypatch, tmp_path):
+    from latentray.models import available_families, load_adapter
+
+    assert "toy-radial" not in available_families()
+    monkeypatch.syspath_prepend(str(PLUGIN))  # as if `pip install latentray-toy`
+    assert available_families()["toy-radial"] == "latentray_toy:RadialAdapter"
+    checkpoint = tmp_path / "radial.json"
+    checkpoint.write_text(json.dumps({"cutoff": 4.0, "centres": [1, 2, 3], "width": 0.5}))
+    model = load_adapter("toy-radial", str(checkpoint))
+    frames = read(MAD, index=":3")
+    out = model.forward([model.prepare(a) for a in frames], ["bb1", "bb2"])
+    assert out["bb1"].shape == (sum(len(a) for a in frames), 3)
+    # atom 0 of the first structure, by hand: Gaussians of its neighbour distances
+    from ase.neighborlist import neighbor_list
+
+    i, d = neighbor_list("id", frames[0], 4.0)
+    expected = np.exp(-((d[i == 0, None] - [1, 2, 3]) ** 2) / 0.5).sum(0)
+    np.testing.assert_allclose(out["bb1"][0], expected, rtol=1e-6)
+    assert model.info.layer_widths == {"bb1": 3, "bb2": 3} and len(model.info.checkpoint_sha256) == 64

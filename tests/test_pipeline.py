@@ -381,3 +381,47 @@ analyses: {{n_test: 100, metrics: [gfre], order_metrics: [], baselines: []}}
     assert sorted(latents.structure_id.unique()) == sorted(kept)
     results = pd.read_csv(out / "results" / "reconstruction.csv")
     assert len(results) == 2 * 2 and results.value.notna().all()  # 2 pairs x 2 levels
+
+
+def test_a_third_party_family_runs_through_latentray_run(tmp_path):
+    """Two models of the entry-point family in tests/plugin, through Ray actors: the only
+    change is PYTHONPATH (as installing the package would be)."""
+    import os
+    import subprocess
+    import sys
+
+    plugin = Path(__file__).parent / "plugin"
+    for name, centres in [("a", [1.0, 2.0, 3.0, 4.0]), ("b", [1.5, 2.5, 3.5])]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"cutoff": 5.0, "centres": centres, "width": 0.4}))
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"""
+output: {tmp_path / "out"}
+datasets: [{{name: mad, path: builtin:mad-val-1000, limit: 60}}]
+models:
+  - {{id: toy-a, family: toy-radial, checkpoint: {tmp_path / "a.json"}, layers: [all]}}
+  - {{id: toy-b, family: toy-radial, checkpoint: {tmp_path / "b.json"}, layers: [all]}}
+extraction: {{shard_size: 30}}
+analyses: {{n_test: 200, metrics: [gfre], order_metrics: [], baselines: []}}
+""")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(plugin)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    done = subprocess.run([sys.executable, "-m", "latentray.cli", "run", str(config), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    latents = ds.dataset(tmp_path / "out" / "latents", format="parquet",
+                         partitioning="hive").to_table(
+        filter=(ds.field("model") == "toy-b") & (ds.field("layer") == "bb2")).to_pandas()
+    latents = latents.sort_values(["structure_index", "atom_index"])
+    sys.path.insert(0, str(plugin))
+    try:
+        from latentray_toy import RadialAdapter
+    finally:
+        sys.path.remove(str(plugin))
+    model = RadialAdapter(str(tmp_path / "b.json"))
+    frames = read(resolve_paths("builtin:mad-val-1000")[0], index=":60")
+    expected = model.forward([model.prepare(a) for a in frames], ["bb2"])["bb2"]
+    np.testing.assert_allclose(np.stack(latents.features.to_numpy()), expected, rtol=1e-6)
+    results = pd.read_csv(tmp_path / "out" / "results" / "reconstruction.csv")
+    assert sorted(zip(results.source, results.level)) == [
+        ("toy-a", "atom"), ("toy-a", "structure"), ("toy-b", "atom"), ("toy-b", "structure")]

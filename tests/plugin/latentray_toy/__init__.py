@@ -1,0 +1,44 @@
+"""A third-party latentray adapter: radial Gaussian descriptors (see README.md)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from ase.neighborlist import neighbor_list
+
+from latentray.models import ModelAdapter, StructureError
+
+
+class RadialAdapter(ModelAdapter):
+    family = "toy-radial"
+
+    def __init__(self, checkpoint: str, **options) -> None:
+        super().__init__(checkpoint, **options)
+        with open(checkpoint) as f:
+            params = json.load(f)
+        self._file = checkpoint
+        self._cutoff = float(params["cutoff"])
+        self.centres = np.asarray(params["centres"], dtype=np.float64)
+        self.width = float(params["width"])
+        k = len(self.centres)
+        self._widths = {"bb1": k, "bb2": k}
+        self._supported = None
+
+    def prepare(self, atoms):
+        if len(atoms) == 0:
+            raise StructureError("no atoms")
+        i, j, d = neighbor_list("ijd", atoms, self._cutoff)
+        return len(atoms), i, d, atoms.numbers[j]
+
+    def forward(self, prepared, layers):
+        out = {name: [] for name in layers}
+        for n, i, d, zj in prepared:
+            g = np.exp(-((d[:, None] - self.centres[None, :]) ** 2) / (2 * self.width**2))
+            feats = {"bb1": np.zeros((n, len(self.centres))),
+                     "bb2": np.zeros((n, len(self.centres)))}
+            np.add.at(feats["bb1"], i, g)
+            np.add.at(feats["bb2"], i, g * zj[:, None])
+            for name in layers:
+                out[name].append(feats[name].astype(np.float32))
+        return {name: np.concatenate(v) for name, v in out.items()}
