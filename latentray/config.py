@@ -79,6 +79,8 @@ class Config:
     models: tuple[ModelConfig, ...]
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     analyses: AnalysisConfig = field(default_factory=AnalysisConfig)
+    # family -> {python: PATH} or {pip: [...]}: the environment its extraction actors run in
+    environments: dict = field(default_factory=dict)
     source: str = "<dict>"  # where the config came from, for messages and provenance
 
 
@@ -152,7 +154,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     """Validate a config mapping (as loaded from YAML)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a mapping")
-    allowed = {"output", "datasets", "models", "extraction", "analyses"}
+    allowed = {"output", "datasets", "models", "extraction", "analyses", "environments"}
     unknown = sorted(set(raw) - allowed)
     _check(not unknown, f"{source}: unknown top-level key(s) {unknown}; allowed: {sorted(allowed)}")
     for key in ("output", "datasets", "models"):
@@ -218,8 +220,18 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     for name in a.layers:
         _check(name == "bb" or name == "ll" or (name.startswith("bb") and name[2:].isdigit()),
                f"{source}: analyses.layers: {name!r} is not a layer name (bb, bbK, ll)")
+    environments = raw.get("environments") or {}
+    _check(isinstance(environments, dict), f"{source}: environments: a mapping family -> "
+                                           f"{{python: PATH}} or {{pip: [...]}}")
+    for family, spec in environments.items():
+        _check(isinstance(spec, dict) and len(spec) == 1 and set(spec) <= {"python", "pip"}
+               and (isinstance(spec.get("python", ""), str)
+                    and isinstance(spec.get("pip", []), list)),
+               f"{source}: environments.{family}: one of {{python: PATH}} (a prepared "
+               f"environment's interpreter) or {{pip: [REQUIREMENT, ...]}}, got {spec!r}")
     return Config(output=raw["output"], datasets=datasets, models=models,
-                  extraction=extraction, analyses=analyses, source=source)
+                  extraction=extraction, analyses=analyses, environments=environments,
+                  source=source)
 
 
 def load_config(path: str | Path, output: str | None = None) -> Config:

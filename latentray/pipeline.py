@@ -8,6 +8,7 @@ never imports a model package.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import posixpath
@@ -73,6 +74,37 @@ def _ray_init(address: str | None, log: StageLog):
     return ray
 
 
+def environment_groups(config: Config) -> list[tuple[dict | None, list]]:
+    """Models grouped by the environment their family's actors run in, in config order.
+
+    ``environments: {FAMILY: {python: PATH}}`` runs the family's actors with that interpreter
+    (a prepared environment: offline, built once); ``{pip: [REQUIREMENT, ...]}`` lets Ray
+    build the environment (once, then cached by Ray). Either way the workers import the
+    driver's own latentray (``PYTHONPATH``: its source must be at the same path on every node,
+    as on one machine or a shared file system; elsewhere install latentray into the family's
+    environment with ``pip install --no-deps``). Families without an entry run in the
+    driver's environment (``None``).
+    """
+    import latentray
+
+    groups: dict[str, tuple[dict | None, list]] = {}
+    for m in config.models:
+        spec = config.environments.get(m.family)
+        key = json.dumps(spec, sort_keys=True) if spec else ""
+        if key not in groups:
+            runtime_env = None
+            if spec:
+                source = os.path.dirname(os.path.dirname(os.path.abspath(latentray.__file__)))
+                runtime_env = {"env_vars": {"PYTHONPATH": source}}
+                if "python" in spec:
+                    runtime_env["py_executable"] = os.path.abspath(spec["python"])
+                if "pip" in spec:
+                    runtime_env["pip"] = list(spec["pip"])
+            groups[key] = (runtime_env, [])
+        groups[key][1].append(m)
+    return list(groups.values())
+
+
 def _n_actors(config: Config, ray, pending: int) -> int:
     e = config.extraction
     if e.actors:
@@ -136,82 +168,94 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
 
     worker_cls = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor,
                             max_restarts=2, max_task_retries=2)(ExtractionWorker)
-    n_units = len(shards) * len(config.models)
-    actors = [worker_cls.remote(torch_threads=e.cpus_per_actor)
-              for _ in range(_n_actors(config, ray, n_units))]
+    descriptions: dict = {}
+    layers: dict = {}
+    totals = {"units": 0, "skipped": 0, "ran": 0, "structures": 0, "atoms": 0, "failed": 0}
+    # one pool of actors per environment, one pool at a time (each holds the CPUs it needs)
+    for runtime_env, models in environment_groups(config):
+        n_group_units = len(shards) * len(models)
+        actors = [worker_cls.options(runtime_env=runtime_env).remote(torch_threads=e.cpus_per_actor)
+                  for _ in range(_n_actors(config, ray, n_group_units))]
+        if runtime_env:
+            log("extract", f"{', '.join(m.id for m in models)}: {len(actors)} actor(s) in the "
+                           f"environment of family {models[0].family!r}")
 
-    with log.timed("describe"):
-        descriptions = dict(zip(
-            [m.id for m in config.models],
-            ray.get([actors[i % len(actors)].describe.remote(m)
-                     for i, m in enumerate(config.models)])))
-    layers = {m.id: resolve_layers(m.layers, list(descriptions[m.id]["info"]["layer_widths"]))
-              for m in config.models}
-    for m in config.models:
-        widths = descriptions[m.id]["info"]["layer_widths"]
-        log("models", f"{m.id}: {m.family} {m.checkpoint}"
-                      f"{' (' + m.modality + ')' if m.modality else ''}, layers "
-                      + ", ".join(f"{name}[{widths[name]}]" for name in layers[m.id]))
+        with log.timed("describe"):
+            descriptions.update(zip(
+                [m.id for m in models],
+                ray.get([actors[i % len(actors)].describe.remote(m)
+                         for i, m in enumerate(models)])))
+        layers.update({m.id: resolve_layers(m.layers,
+                                            list(descriptions[m.id]["info"]["layer_widths"]))
+                       for m in models})
+        for m in models:
+            widths = descriptions[m.id]["info"]["layer_widths"]
+            log("models", f"{m.id}: {m.family} {m.checkpoint}"
+                          f"{' (' + m.modality + ')' if m.modality else ''}, layers "
+                          + ", ".join(f"{name}[{widths[name]}]" for name in layers[m.id]))
 
-    # plan: model-major, so that each actor keeps loading the same model
-    todo, skipped = [], 0
-    for m in config.models:
-        for dataset, number, shard_hash, ref, n_s, n_a in shards:
-            inputs = unit_inputs(shard_hash, dataset, number, m, layers[m.id], descriptions[m.id])
-            entry = store.read_json(store.manifest_path(dataset, m.id, number))
-            if entry is not None and entry.get("inputs") == inputs and all(
-                    store.exists(p) for p in entry["outputs"]["files"].values()):
-                skipped += 1
-                continue
-            todo.append((m, dataset, number, ref, inputs))
-    log("extract", f"{n_units} unit(s): {skipped} already done (manifest matches), "
-                   f"{len(todo)} to run on {len(actors)} actor(s)")
-
-    totals = {"units": n_units, "skipped": skipped, "ran": 0, "structures": 0, "atoms": 0,
-              "failed": 0}
-    with log.timed("extract"):
-        queue = list(todo)
-        running = {}
-        idle = list(actors)
-        t_start = time.perf_counter()
-        while queue or running:
-            while queue and idle:
-                actor = idle.pop()
-                m, dataset, number, ref, inputs = unit = queue.pop(0)
-                future = actor.run_unit.remote(m, layers[m.id], ref, store.uri, e.batch_atoms)
-                running[future] = (actor, unit)
-            done, _ = ray.wait(list(running), num_returns=1)
-            for future in done:
-                actor, (m, dataset, number, ref, inputs) = running.pop(future)
-                idle.append(actor)
-                result = ray.get(future)
-                store.write_json(store.manifest_path(dataset, m.id, number), {
-                    "inputs": inputs,
-                    "outputs": {"files": result["files"], "structures": result["structures"],
-                                "processed": result["processed"], "failed": result["failed"],
-                                "atoms": result["atoms"]},
-                    "seconds": result["seconds"],
-                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                })
-                totals["ran"] += 1
-                for key in ("structures", "atoms", "failed"):
-                    totals[key] += result[key]
-                s = result["seconds"]
-                rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
-                log("extract", f"[{totals['ran']}/{len(todo)}] {m.id} {dataset} shard {number}: "
-                               f"{result['processed']}/{result['structures']} structures, "
-                               f"{result['atoms']} atoms, {result['failed']} failed, "
-                               f"{rate:.0f} atoms/s")
-                for example in result["failure_examples"]:
-                    log("extract", f"    failed: {example}")
-        if todo:
-            wall = time.perf_counter() - t_start
-            log("extract", f"ran {len(todo)} unit(s) in {wall:.1f} s: "
-                           f"{totals['atoms'] / wall:.0f} atoms/s over all actors")
-        else:
-            log("extract", "nothing to extract: every unit is already done")
-    for actor in actors:
-        ray.kill(actor)
+        # plan: model-major, so that each actor keeps loading the same model
+        todo, skipped = [], 0
+        for m in models:
+            for dataset, number, shard_hash, ref, n_s, n_a in shards:
+                inputs = unit_inputs(shard_hash, dataset, number, m, layers[m.id], descriptions[m.id])
+                entry = store.read_json(store.manifest_path(dataset, m.id, number))
+                if entry is not None and entry.get("inputs") == inputs and all(
+                        store.exists(p) for p in entry["outputs"]["files"].values()):
+                    skipped += 1
+                    continue
+                todo.append((m, dataset, number, ref, inputs))
+        log("extract", f"{n_group_units} unit(s): {skipped} already done (manifest matches), "
+                       f"{len(todo)} to run on {len(actors)} actor(s)")
+        totals["units"] += n_group_units
+        totals["skipped"] += skipped
+        ran_before = totals["ran"]
+        with log.timed("extract"):
+            queue = list(todo)
+            running = {}
+            group_results = []
+            idle = list(actors)
+            t_start = time.perf_counter()
+            while queue or running:
+                while queue and idle:
+                    actor = idle.pop()
+                    m, dataset, number, ref, inputs = unit = queue.pop(0)
+                    future = actor.run_unit.remote(m, layers[m.id], ref, store.uri, e.batch_atoms)
+                    running[future] = (actor, unit)
+                done, _ = ray.wait(list(running), num_returns=1)
+                for future in done:
+                    actor, (m, dataset, number, ref, inputs) = running.pop(future)
+                    idle.append(actor)
+                    result = ray.get(future)
+                    group_results.append(result)
+                    store.write_json(store.manifest_path(dataset, m.id, number), {
+                        "inputs": inputs,
+                        "outputs": {"files": result["files"], "structures": result["structures"],
+                                    "processed": result["processed"], "failed": result["failed"],
+                                    "atoms": result["atoms"]},
+                        "seconds": result["seconds"],
+                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    })
+                    totals["ran"] += 1
+                    for key in ("structures", "atoms", "failed"):
+                        totals[key] += result[key]
+                    s = result["seconds"]
+                    rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
+                    log("extract", f"[{totals['ran'] - ran_before}/{len(todo)}] {m.id} {dataset} shard {number}: "
+                                   f"{result['processed']}/{result['structures']} structures, "
+                                   f"{result['atoms']} atoms, {result['failed']} failed, "
+                                   f"{rate:.0f} atoms/s")
+                    for example in result["failure_examples"]:
+                        log("extract", f"    failed: {example}")
+            if todo:
+                wall = time.perf_counter() - t_start
+                atoms = sum(int(r["atoms"]) for r in group_results)
+                log("extract", f"ran {len(todo)} unit(s) in {wall:.1f} s: "
+                               f"{atoms / wall:.0f} atoms/s over all actors")
+            else:
+                log("extract", "nothing to extract: every unit is already done")
+        for actor in actors:
+            ray.kill(actor)
     return {"descriptions": descriptions, "layers": layers, "totals": totals,
             "datasets": counts}
 

@@ -16,6 +16,7 @@ from .base import ModelAdapter, ModelInfo, StructureError, resolve_layers
 BUILTIN_FAMILIES = {
     "chgnet": "latentray.models.chgnet:CHGNetAdapter",
     "sevenn": "latentray.models.sevenn:SevenNetAdapter",
+    "mace": "latentray.models.mace:MACEAdapter",
 }
 
 
