@@ -17,6 +17,7 @@ BUILTIN_FAMILIES = {
     "chgnet": "latentray.models.chgnet:CHGNetAdapter",
     "sevenn": "latentray.models.sevenn:SevenNetAdapter",
     "mace": "latentray.models.mace:MACEAdapter",
+    "metatomic": "latentray.models.metatomic:MetatomicAdapter",
 }
 
 

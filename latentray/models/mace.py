@@ -99,7 +99,8 @@ class MACEAdapter(ModelAdapter):
             hook.remove()
         node_feats = out["node_feats"]
         result = {}
-        for name in layers:
+        last = f"bb{len(self._columns)}"
+        for name in sorted({last if name == "bb" else name for name in layers}):
             if name == "ll":
                 values = captured["ll"]
             else:
