@@ -38,7 +38,6 @@ os.environ.update(_BLAS_ENV)  # before numpy: this process and its children, one
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -49,6 +48,7 @@ from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from machine_info import describe, peak_rss_gb  # noqa: E402  (benchmarks/machine_info.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "mptrj-sample.json"
@@ -152,10 +152,6 @@ def disk_bytes(path: Path) -> int:
 # one measured run (in a child process)
 
 
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 def _read_latentray(path: str, fmt: str):
     from latentray.datasets import iter_shards
 
@@ -229,14 +225,14 @@ def measure(job: dict) -> dict:
         call = _read_naive_extxyz(path)
     else:
         call = _prepare(path, job["output"])
-    out = {"peak_before_gb": _peak_gb()}
+    out = {"peak_before_gb": peak_rss_gb()}
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     out.update(call())
     out["seconds"] = time.perf_counter() - t
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     out["cpu_s"] = (cpu_after.ru_utime - cpu.ru_utime) + (cpu_after.ru_stime - cpu.ru_stime)
-    out["peak_rss_gb"] = _peak_gb()
+    out["peak_rss_gb"] = peak_rss_gb()
     return out
 
 
@@ -275,18 +271,9 @@ def run_child(job: dict, timeout: float = 3 * 3600) -> dict:
 def machine() -> dict:
     import ijson
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram / 1e9,
-            "python": platform.python_version(), "ijson": f"{version('ijson')} ({ijson.backend})",
-            "ase": version("ase"), "pymatgen": version("pymatgen"), "numpy": np.__version__,
-            "pyarrow": version("pyarrow")}
+    return describe(ijson=f"{version('ijson')} ({ijson.backend})", ase=version("ase"),
+                    pymatgen=version("pymatgen"), numpy=np.__version__,
+                    pyarrow=version("pyarrow"))
 
 
 def fmt_size(nbytes: int) -> str:

@@ -39,7 +39,6 @@ os.environ.update(_BLAS_ENV)  # before numpy: this process and its children, one
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import posixpath  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
@@ -48,6 +47,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
+from machine_info import describe, peak_rss_gb  # noqa: E402  (benchmarks/machine_info.py)
 
 SHAPES = [(128, 128), (256, 64)]
 DATASET, SOURCE, TARGET = "bench", ("a", "bb"), ("b", "bb")
@@ -162,10 +162,6 @@ def load_arrays(directory: str, n: int, dx: int, dy: int):
 # one measured run (in a child process)
 
 
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 def _rss_gb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
@@ -215,7 +211,7 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
             return {"gfre": r.values["gfre"], "alpha": r.alpha, "n_train": r.n_train,
                     "n_test": r.n_test}
     gc.collect()
-    out["peak_incl_loading_gb"] = _peak_gb()
+    out["peak_incl_loading_gb"] = peak_rss_gb()
     out["rss_before_gb"] = _rss_gb()
     out["peak_reset"] = _reset_peak()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -225,7 +221,7 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     out["cpu_user_s"] = cpu_after.ru_utime - cpu.ru_utime
     out["cpu_sys_s"] = cpu_after.ru_stime - cpu.ru_stime
-    out["peak_rss_gb"] = _peak_gb()
+    out["peak_rss_gb"] = peak_rss_gb()
     out["peak_incl_loading_gb"] = max(out["peak_incl_loading_gb"], out["peak_rss_gb"])
     return out
 
@@ -268,17 +264,7 @@ def fmt_n(n: int) -> str:
 def machine() -> dict:
     import skmatter
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram / 1e9,
-            "python": platform.python_version(), "numpy": np.__version__,
-            "skmatter": skmatter.__version__, "blas_threads": 1}
+    return describe(numpy=np.__version__, skmatter=skmatter.__version__, blas_threads=1)
 
 
 def ratio(r: dict, sk: dict | None) -> str:
