@@ -324,6 +324,14 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
         stratified = d.subset_key is not None
         n_all = extraction["datasets"][d.name]["structures"]
         n_shards = extraction["datasets"][d.name]["shards"]
+        # what each model's latents came from (its units' manifest inputs, per shard) and
+        # which structures it could not process: read once per dataset, for every layer
+        shard_digests = {m: [_digest(store.read_json(store.manifest_path(d.name, m, s))
+                                     ["inputs"]) for s in range(n_shards)] for m in models}
+        digest = {m: _digest(shard_digests[m]) for m in models}
+        failed = {m: _failed(store, d.name, m) for m in models}
+        for m in models:
+            info["left_out"][f"{d.name}/{m}"] = len(failed[m])
         for layer_name in a.layers:
             chosen = {m: concrete_layer(layer_name, extraction["layers"][m]) for m in models}
             missing = [m for m, layer in chosen.items() if layer is None]
@@ -341,13 +349,6 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                            f"in_memory_limit_mb={a.in_memory_limit_mb}: {path} fits"
                            + ("" if path == "in-memory" else " (hash split)"))
 
-            # what each model's latents came from: its units' manifest inputs, per shard
-            shard_digests = {m: [_digest(store.read_json(store.manifest_path(d.name, m, s))
-                                         ["inputs"]) for s in range(n_shards)] for m in present}
-            digest = {m: _digest(shard_digests[m]) for m in present}
-            failed = {m: _failed(store, d.name, m) for m in present}
-            for m in present:
-                info["left_out"][f"{d.name}/{m}"] = len(failed[m])
             if "structure" in a.levels:
                 _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
 
