@@ -18,7 +18,7 @@ $(VENV)/.models: $(BIN)/python pyproject.toml
 	@touch $@
 
 $(VENV)/.test: $(VENV)/.models
-	$(PIP) install -e ".[models,metatomic,test]"
+	$(PIP) install -e ".[models,metatomic,orb,test]"
 	@touch $@
 
 # MACE pins e3nn 0.4.4, SevenNet needs e3nn >= 0.5: MACE's actors run in their own

@@ -45,6 +45,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     modality: str | None = None
+    options: dict = field(default_factory=dict)  # family-specific loader options
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
         _check(m.dtype in ("float32", "float64"), f"{where}.dtype: float32 or float64, got {m.dtype!r}")
         _check(all(isinstance(name, str) for name in m.layers) and m.layers,
                f"{where}.layers: a list of layer names such as [bb, ll] or [all]")
+        _check(isinstance(m.options, dict), f"{where}.options: a mapping of the family's "
+                                            f"loader options")
     ids = [m.id for m in models]
     _check(len(set(ids)) == len(ids), f"{source}: model ids repeat: {ids}")
     _check(INPUT not in ids, f"{source}: model id {INPUT!r} is reserved (failures/ of the "

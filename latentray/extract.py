@@ -59,7 +59,7 @@ class ExtractionWorker:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         adapter = load_adapter(model.family, model.checkpoint, device=device, dtype=model.dtype,
-                               modality=model.modality)
+                               modality=model.modality, options=model.options)
         self._models[key] = adapter
         while len(self._models) > self._max_cached:
             self._models.popitem(last=False)
@@ -204,6 +204,7 @@ def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,
         "checkpoint": model.checkpoint,
         "checkpoint_sha256": info["checkpoint_sha256"],
         "modality": model.modality,
+        **({"options": model.options} if model.options else {}),
         "dtype": model.dtype,
         "layers": list(layers),
         "code": description["code"],

@@ -308,7 +308,7 @@ def provenance(config: Config, extraction: dict, limit: int | None) -> dict:
     for m in config.models:
         d = extraction["descriptions"][m.id]
         models.append({"id": m.id, "family": m.family, "checkpoint": m.checkpoint,
-                       "modality": m.modality, "dtype": m.dtype,
+                       "modality": m.modality, "options": m.options, "dtype": m.dtype,
                        "checkpoint_sha256": d["info"]["checkpoint_sha256"],
                        "checkpoint_file": os.path.basename(d["info"]["checkpoint_file"]),
                        "family_package_version": d["code"]["family_package_version"],

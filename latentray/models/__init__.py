@@ -18,6 +18,7 @@ BUILTIN_FAMILIES = {
     "sevenn": "latentray.models.sevenn:SevenNetAdapter",
     "mace": "latentray.models.mace:MACEAdapter",
     "metatomic": "latentray.models.metatomic:MetatomicAdapter",
+    "orb": "latentray.models.orb:OrbAdapter",
 }
 
 

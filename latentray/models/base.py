@@ -119,13 +119,19 @@ class ModelAdapter(ABC):
     """
 
     family: str = ""
+    option_names: frozenset[str] = frozenset()  # the ``options`` this family understands
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
-                 modality: str | None = None) -> None:
+                 modality: str | None = None, options: dict | None = None) -> None:
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
         self.modality = modality
+        self.options = dict(options or {})
+        unknown = sorted(set(self.options) - self.option_names)
+        if unknown:
+            raise ValueError(f"{checkpoint}: unknown option(s) {unknown} for family "
+                             f"{self.family!r}; it understands {sorted(self.option_names)}")
 
     # set by each family's __init__: the checkpoint file read, the cutoff (Angstrom), the
     # layers with their widths in model order, the supported atomic numbers (None: all)

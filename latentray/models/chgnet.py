@@ -64,8 +64,9 @@ class CHGNetAdapter(ModelAdapter):
     package = "chgnet"  # the distribution whose version describes the code
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
-                 modality: str | None = None) -> None:
-        super().__init__(checkpoint, device=device, dtype=dtype, modality=modality)
+                 modality: str | None = None, options: dict | None = None) -> None:
+        super().__init__(checkpoint, device=device, dtype=dtype, modality=modality,
+                         options=options)
         if modality is not None:
             raise ValueError(
                 f"CHGNet checkpoint {checkpoint!r} has no modalities; got modality={modality!r}"

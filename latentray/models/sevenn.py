@@ -59,8 +59,9 @@ class SevenNetAdapter(ModelAdapter):
     package = "sevenn"  # the distribution whose version describes the code
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
-                 modality: str | None = None) -> None:
-        super().__init__(checkpoint, device=device, dtype=dtype, modality=modality)
+                 modality: str | None = None, options: dict | None = None) -> None:
+        super().__init__(checkpoint, device=device, dtype=dtype, modality=modality,
+                         options=options)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         self._torch_dtype = _DTYPES[dtype]

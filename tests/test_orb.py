@@ -1,0 +1,141 @@
+"""Orb: a small model built with Orb's own architecture function (random weights, no download),
+saved as a state dict, loaded by latentray, against Orb's own ASE calculator."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from ase import Atoms
+from ase.io import read
+
+from latentray.models.orb import pretrained_name
+
+MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
+ARGUMENTS = {"latent_dim": 24, "base_mlp_hidden_dim": 48, "num_message_passing_steps": 3,
+             "head_mlp_hidden_dim": 16}
+SYSTEM = {"radius": 6.0, "max_num_neighbors": 20}
+OPTIONS = {"architecture": "orb_v3_direct_architecture", "system_config": SYSTEM,
+           "arguments": ARGUMENTS}
+
+
+def test_published_file_names_resolve_to_the_longest_matching_model():
+    names = ["orb-v2", "orb-v3-direct-20-omat", "orb-v3-direct-20-omat-extra", "orb-d3-v2"]
+    assert pretrained_name("/x/orb-v3-direct-20-omat-20250404.ckpt", names) == \
+        "orb-v3-direct-20-omat"
+    assert pretrained_name("orb-v3-direct-20-omat-extra-1.ckpt", names) == \
+        "orb-v3-direct-20-omat-extra"
+    assert pretrained_name("/x/my-model.ckpt", names) is None
+
+
+@pytest.fixture(scope="module")
+def small_orb(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("orb_models")
+    from orb_models.forcefield import pretrained
+    from orb_models.forcefield.atomic_system import SystemConfig
+
+    path = tmp_path_factory.mktemp("orb") / "small-orb.ckpt"
+    torch.manual_seed(0)
+    model = pretrained.orb_v3_direct_architecture(system_config=SystemConfig(**SYSTEM),
+                                                  **ARGUMENTS)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def orb_reference(checkpoint, frames):
+    """Node features after each message-passing step, from Orb's ORBCalculator one structure
+    at a time (forward hooks on the backbone's steps while it computes the energy)."""
+    import torch
+    from orb_models.forcefield import pretrained
+    from orb_models.forcefield.atomic_system import SystemConfig
+    from orb_models.forcefield.calculator import ORBCalculator
+
+    default = torch.get_default_dtype()
+    model = pretrained.load_model(
+        pretrained.orb_v3_direct_architecture(system_config=SystemConfig(**SYSTEM), **ARGUMENTS),
+        str(checkpoint), "cpu", precision="float32-highest", compile=False)
+    torch.set_default_dtype(default)
+    calc = ORBCalculator(model, device="cpu")
+    steps = model.model.gnn_stacks
+    out = {f"bb{k + 1}": [] for k in range(len(steps))}
+    hooks = [step.register_forward_hook(
+        lambda module, args, output, k=k: out[f"bb{k + 1}"].append(output[0].detach().numpy()))
+        for k, step in enumerate(steps)]
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+    for hook in hooks:
+        hook.remove()
+    return {name: np.concatenate(values) for name, values in out.items()}
+
+
+def test_features_equal_orbs_own_calculator(small_orb):
+    from latentray.models import load_adapter
+
+    frames = read(MAD, index=":12")
+    model = load_adapter("orb", str(small_orb), options=OPTIONS)
+    assert model.info.layer_widths == {"bb1": 24, "bb2": 24, "bb3": 24}
+    assert model.info.cutoff == 6.0 and model.info.supported_numbers is None
+    ours = model.forward([model.prepare(a) for a in frames], ["bb1", "bb2", "bb3", "bb"])
+    theirs = orb_reference(small_orb, frames)
+    for name in ("bb1", "bb2", "bb3"):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours["bb"], ours["bb3"])
+    assert ours["bb1"].shape == (sum(len(a) for a in frames), 24)
+
+
+def test_loading_does_not_change_the_processes_default_dtype(small_orb):
+    import torch
+
+    from latentray.models import load_adapter
+
+    load_adapter("orb", str(small_orb), options=OPTIONS, dtype="float64")
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_names_options_and_geometry_errors(small_orb, tmp_path):
+    from latentray.models import StructureError, load_adapter
+
+    unnamed = tmp_path / "my-model.ckpt"
+    unnamed.write_bytes(small_orb.read_bytes())
+    with pytest.raises(ValueError, match="no published Orb model name"):
+        load_adapter("orb", str(unnamed))
+    with pytest.raises(ValueError, match="unknown option"):
+        load_adapter("orb", str(small_orb), options={"radius": 5})
+    model = load_adapter("orb", str(small_orb), options=OPTIONS)
+    slab = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]], cell=[3, 3, 20],
+                 pbc=[True, True, False])
+    with pytest.raises(StructureError, match="periodicity"):
+        model.prepare(slab)
+
+
+@pytest.mark.slow
+def test_latentray_run_with_orb_options(small_orb, tmp_path):
+    import ray
+    import yaml
+
+    from latentray.cli import main
+
+    config = tmp_path / "orb.yaml"
+    config.write_text(yaml.safe_dump({
+        "output": str(tmp_path / "out"),
+        "datasets": [{"name": "mad", "path": "builtin:mad-val-1000", "limit": 8}],
+        "models": [{"id": "orb-small", "family": "orb", "checkpoint": str(small_orb),
+                    "layers": ["all"], "options": OPTIONS}],
+        "extraction": {"shard_size": 4},
+        "analyses": {"metrics": [], "order_metrics": [], "baselines": []}}))
+    try:
+        assert main(["run", str(config), "--quiet"]) == 0
+    finally:
+        ray.shutdown()
+    table = ds.dataset(tmp_path / "out" / "latents", format="parquet",
+                       partitioning="hive").to_table().to_pandas()
+    table = table.sort_values(["layer", "structure_index", "atom_index"])
+    theirs = orb_reference(small_orb, read(MAD, index=":8"))
+    for name, rows in table.groupby("layer"):
+        np.testing.assert_allclose(np.stack(rows.features.to_numpy()), theirs[name],
+                                   rtol=1e-5, atol=1e-5)
+    assert sorted(pd.unique(table.layer)) == ["bb1", "bb2", "bb3"]
