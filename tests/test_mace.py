@@ -67,7 +67,7 @@ np.savez(os.path.join(out, "reference.npz"), descriptors=descriptors,
 @pytest.fixture(scope="module")
 def mace_run(tmp_path_factory):
     if not MACE_PYTHON.exists():
-        pytest.skip(f"{MACE_PYTHON} missing: `make mace-env` builds MACE's environment")
+        pytest.skip(f"{MACE_PYTHON} missing: `make family-envs` builds MACE's environment")
     root = tmp_path_factory.mktemp("mace")
     mad = ROOT / "latentray" / "data" / "mad-val-1000.xyz"
     subprocess.run([str(MACE_PYTHON), "-c", BUILD_AND_REFERENCE, str(root), str(mad),

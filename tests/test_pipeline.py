@@ -425,3 +425,40 @@ analyses: {{n_test: 200, metrics: [gfre], order_metrics: [], baselines: []}}
     results = pd.read_csv(tmp_path / "out" / "results" / "reconstruction.csv")
     assert sorted(zip(results.source, results.level)) == [
         ("toy-a", "atom"), ("toy-a", "structure"), ("toy-b", "atom"), ("toy-b", "structure")]
+
+
+def test_a_family_from_a_pip_runtime_environment(tmp_path):
+    """The toy family is not importable by the driver: its actors get it from Ray's pip
+    runtime environment (``environments: {toy-radial: {pip: [PACKAGE]}}``), built by Ray."""
+    import shutil
+
+    import ray
+
+    plugin = tmp_path / "latentray-toy"  # a copy: building the package writes into it
+    shutil.copytree(Path(__file__).parent / "plugin", plugin,
+                    ignore=shutil.ignore_patterns("*.dist-info"))
+    (tmp_path / "a.json").write_text(json.dumps({"cutoff": 5.0, "centres": [1.0, 2.0, 3.0],
+                                                 "width": 0.4}))
+    config = tmp_path / "toy.yaml"
+    config.write_text(f"""
+output: {tmp_path / "out"}
+datasets: [{{name: mad, path: builtin:mad-val-1000, limit: 6}}]
+models:
+  - {{id: toy-a, family: toy-radial, checkpoint: {tmp_path / "a.json"}, layers: [bb1]}}
+environments:
+  toy-radial: {{pip: ["{plugin}"]}}
+analyses: {{metrics: [], order_metrics: [], baselines: []}}
+""")
+    from latentray.models import available_families
+
+    assert "toy-radial" not in available_families()
+    try:
+        assert main(["run", str(config), "--quiet"]) == 0
+    finally:
+        ray.shutdown()
+    latents = ds.dataset(tmp_path / "out" / "latents", format="parquet",
+                         partitioning="hive").to_table().to_pandas()
+    n_atoms = sum(len(a) for a in read(resolve_paths("builtin:mad-val-1000")[0], index=":6"))
+    assert len(latents) == n_atoms and len(latents.features.iloc[0]) == 3
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["provenance"]["models"][0]["family_package_version"] == "0.1"

@@ -19,6 +19,7 @@ BUILTIN_FAMILIES = {
     "mace": "latentray.models.mace:MACEAdapter",
     "metatomic": "latentray.models.metatomic:MetatomicAdapter",
     "orb": "latentray.models.orb:OrbAdapter",
+    "mattersim": "latentray.models.mattersim:MatterSimAdapter",
 }
 
 

@@ -1,0 +1,134 @@
+"""MatterSim in its own environment (``.venv-mattersim``), beside CHGNet in one ``latentray run``;
+its latents against MatterSim's own ASE calculator.
+
+The model is built with MatterSim's own constructor and saved by its own ``Potential.save``
+(random weights, no download) by the MatterSim environment's interpreter, which also computes
+the references: ``MatterSimCalculator`` one structure at a time, with forward hooks on the M3GNet
+blocks and on the last layers of the gated energy readout while it computes the energy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from latentray.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MATTERSIM_PYTHON = ROOT / ".venv-mattersim" / "bin" / "python"
+N_STRUCTURES = 12
+
+BUILD_AND_REFERENCE = """
+import os, sys, warnings
+warnings.simplefilter("ignore")
+import numpy as np, torch
+from ase.io import read
+from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
+from mattersim.forcefield.potential import MatterSimCalculator, Potential
+
+out, structures, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = M3Gnet(num_blocks=2, units=16, max_l=2, max_n=3, cutoff=5.0, threebody_cutoff=4.0,
+               device="cpu")
+path = os.path.join(out, "small-mattersim.pth")
+Potential(model, device="cpu").save(path)
+potential = Potential.from_checkpoint(path, device="cpu", load_training_state=False)
+m = potential.model
+seen = {"bb1": [], "bb2": [], "g": [], "sigma": []}
+for k, block in enumerate(m.graph_conv):
+    block.register_forward_hook(
+        lambda mod, a, o, k=k: seen[f"bb{k + 1}"].append(o[0].detach().numpy().copy()))
+for b in ("g", "sigma"):
+    getattr(m.final, b)[-1].register_forward_pre_hook(
+        lambda mod, a, b=b: seen[b].append(a[0].detach().numpy().copy()))
+calc = MatterSimCalculator(potential, device="cpu")
+frames = read(structures, index=f":{n}")
+for a in frames:
+    a = a.copy()
+    a.calc = calc
+    a.get_potential_energy()
+np.savez(os.path.join(out, "reference.npz"), bb1=np.concatenate(seen["bb1"]),
+         bb2=np.concatenate(seen["bb2"]),
+         ll=np.hstack([np.concatenate(seen["g"]), np.concatenate(seen["sigma"])]))
+"""
+
+
+@pytest.fixture(scope="module")
+def mattersim_run(tmp_path_factory):
+    if not MATTERSIM_PYTHON.exists():
+        pytest.skip(f"{MATTERSIM_PYTHON} missing: `make family-envs` builds MatterSim's "
+                    "environment")
+    root = tmp_path_factory.mktemp("mattersim")
+    mad = ROOT / "latentray" / "data" / "mad-val-1000.xyz"
+    subprocess.run([str(MATTERSIM_PYTHON), "-c", BUILD_AND_REFERENCE, str(root), str(mad),
+                    str(N_STRUCTURES)], check=True, capture_output=True, text=True)
+    config = root / "mixed.yaml"
+    config.write_text(f"""
+output: {root / "out"}
+datasets: [{{name: mad, path: builtin:mad-val-1000, limit: {N_STRUCTURES}}}]
+models:
+  - {{id: mattersim-small, family: mattersim, checkpoint: {root / "small-mattersim.pth"},
+     layers: [all]}}
+  - {{id: chgnet-0.3.0, family: chgnet, checkpoint: "0.3.0", layers: [bb]}}
+environments:
+  mattersim: {{python: {MATTERSIM_PYTHON}}}
+extraction: {{shard_size: 5}}
+analyses: {{n_test: 100, layers: [bb], metrics: [gfre], order_metrics: [], baselines: []}}
+""")
+    assert main(["run", str(config), "--quiet"]) == 0
+    yield root
+    import ray
+
+    ray.shutdown()
+
+
+def test_mattersim_latents_equal_its_own_calculator(mattersim_run):
+    reference = np.load(mattersim_run / "reference.npz")
+    table = ds.dataset(mattersim_run / "out" / "latents", format="parquet",
+                       partitioning="hive").to_table(
+        filter=ds.field("model") == "mattersim-small").to_pandas()
+    table = table.sort_values(["layer", "structure_index", "atom_index"])
+    ours = {layer: np.stack(t.features.to_numpy()) for layer, t in table.groupby("layer")}
+    assert sorted(ours) == ["bb1", "bb2", "ll"]
+    for layer in ours:
+        np.testing.assert_allclose(ours[layer], reference[layer], rtol=1e-5, atol=1e-6)
+    assert ours["bb2"].shape[1] == 16 and ours["ll"].shape[1] == 32
+
+
+def test_mattersim_is_compared_with_chgnet(mattersim_run):
+    results = pd.read_csv(mattersim_run / "out" / "results" / "reconstruction.csv")
+    pairs = set(zip(results.source, results.target))
+    assert {("mattersim-small", "chgnet-0.3.0"), ("chgnet-0.3.0", "mattersim-small")} <= pairs
+    assert results.value.notna().all()
+
+
+def test_float64_and_partly_periodic_cells_are_refused(mattersim_run):
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from ase import Atoms
+from latentray.models import StructureError, load_adapter
+try:
+    load_adapter("mattersim", {str(mattersim_run / "small-mattersim.pth")!r}, dtype="float64")
+except ValueError as e:
+    assert "float32" in str(e), e
+else:
+    raise AssertionError("float64 accepted")
+model = load_adapter("mattersim", {str(mattersim_run / "small-mattersim.pth")!r})
+slab = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]], cell=[3, 3, 20], pbc=[1, 1, 0])
+try:
+    model.prepare(slab)
+except StructureError as e:
+    assert "periodic" in str(e), e
+else:
+    raise AssertionError("slab accepted")
+"""
+    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", script], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
