@@ -34,10 +34,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .geometry import geometry_problem
+
 BUILTIN = {"mad-val-1000": "mad-val-1000.xyz"}
 FORMATS = ("extxyz", "mptrj-json", "ase-db", "parquet")
-#: Smallest |det(cell)| (A^3) of a periodic cell.
-MIN_CELL_VOLUME = 1e-6
 
 
 class DatasetError(ValueError):
@@ -93,20 +93,9 @@ def _checked(native_id, numbers, positions, cell, pbc, subset="", energy=None, w
         pbc = np.repeat(pbc, 3) if pbc.size == 1 else pbc.reshape(3)
     except (TypeError, ValueError) as exc:
         raise FrameError(f"non-numeric or malformed geometry ({exc})") from None
-    if len(numbers) == 0:
-        raise FrameError("no atoms")
-    if len(positions) != len(numbers):
-        raise FrameError(f"{len(numbers)} atoms but {len(positions)} positions")
-    if np.any((numbers < 1) | (numbers > 118)):
-        raise FrameError(f"atomic number out of range: {numbers[(numbers < 1) | (numbers > 118)][:3]}")
-    if not np.all(np.isfinite(positions)):
-        raise FrameError("NaN or infinite position")
-    if not np.all(np.isfinite(cell)):
-        raise FrameError("NaN or infinite cell")
-    if pbc.all() and abs(np.linalg.det(cell)) < MIN_CELL_VOLUME:
-        raise FrameError(f"periodic cell with zero volume (|det| = {abs(np.linalg.det(cell)):.3g})")
-    if np.any(np.linalg.norm(cell, axis=1)[pbc] < MIN_CELL_VOLUME ** (1 / 3)):
-        raise FrameError("periodic direction with a zero-length cell vector")
+    problem = geometry_problem(numbers, positions, cell, pbc)
+    if problem:
+        raise FrameError(problem)
     try:
         energy = np.nan if energy is None else float(energy)
     except (TypeError, ValueError):

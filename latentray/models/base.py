@@ -74,27 +74,14 @@ def resolve_layers(requested: Sequence[str], available: Sequence[str]) -> list[s
 
 
 def check_geometry(atoms: Any) -> None:
-    """Raise StructureError for NaN/inf positions or cell, empty structure, degenerate periodic cell."""
-    n = len(atoms)
-    if n == 0:
-        raise StructureError("structure has no atoms")
-    positions = atoms.positions
-    if not np.isfinite(positions).all():
-        raise StructureError("non-finite (NaN or inf) atomic positions")
-    cell = np.asarray(atoms.cell[:], dtype=float)
-    if not np.isfinite(cell).all():
-        raise StructureError("non-finite (NaN or inf) cell")
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    if pbc.all():
-        volume = abs(float(np.linalg.det(cell)))
-        if volume < 1e-6:
-            raise StructureError(f"zero-volume periodic cell (volume {volume:.3g} A^3)")
-    elif pbc.any():
-        vectors = cell[pbc]
-        if (np.linalg.norm(vectors, axis=1) < 1e-6).any() or (
-            len(vectors) == 2 and np.linalg.norm(np.cross(vectors[0], vectors[1])) < 1e-6
-        ):
-            raise StructureError("degenerate cell vector along a periodic direction")
+    """Raise StructureError for a geometry no model can use (:mod:`latentray.geometry`)."""
+    from ..geometry import geometry_problem
+
+    problem = geometry_problem(np.asarray(atoms.numbers), np.asarray(atoms.positions),
+                               np.asarray(atoms.cell[:], dtype=float),
+                               np.asarray(atoms.pbc, dtype=bool))
+    if problem:
+        raise StructureError(problem)
 
 
 def with_aliases(out: dict[str, np.ndarray], requested: Sequence[str],
