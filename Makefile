@@ -18,7 +18,7 @@ $(VENV)/.models: $(BIN)/python pyproject.toml
 	@touch $@
 
 $(VENV)/.test: $(VENV)/.models
-	$(PIP) install -e ".[models,metatomic,orb,test]"
+	$(PIP) install -e ".[models,metatomic,orb,uma,test]"
 	@touch $@
 
 # Families whose dependencies conflict with the driver's run in environments of their own,

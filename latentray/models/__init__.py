@@ -20,6 +20,7 @@ BUILTIN_FAMILIES = {
     "metatomic": "latentray.models.metatomic:MetatomicAdapter",
     "orb": "latentray.models.orb:OrbAdapter",
     "mattersim": "latentray.models.mattersim:MatterSimAdapter",
+    "uma": "latentray.models.uma:UMAAdapter",
 }
 
 
