@@ -1,6 +1,7 @@
 """Orb: a small model built with Orb's own architecture function (random weights, no download),
 saved as a state dict, loaded by latentray, against Orb's own ASE calculator."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,12 @@ def orb_reference(checkpoint, frames):
     from orb_models.forcefield.calculator import ORBCalculator
 
     default = torch.get_default_dtype()
-    model = pretrained.load_model(
-        pretrained.orb_v3_direct_architecture(system_config=SystemConfig(**SYSTEM), **ARGUMENTS),
-        str(checkpoint), "cpu", precision="float32-highest", compile=False)
+    with warnings.catch_warnings():  # Orb's notes on the default dtype it sets
+        warnings.simplefilter("ignore", UserWarning)
+        model = pretrained.load_model(
+            pretrained.orb_v3_direct_architecture(system_config=SystemConfig(**SYSTEM),
+                                                  **ARGUMENTS),
+            str(checkpoint), "cpu", precision="float32-highest", compile=False)
     torch.set_default_dtype(default)
     calc = ORBCalculator(model, device="cpu")
     steps = model.model.gnn_stacks
