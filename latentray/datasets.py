@@ -48,8 +48,12 @@ class FrameError(ValueError):
     """One frame is invalid (the reason); the reader adds the file and the frame id."""
 
 
-def resolve_paths(path: str) -> list[Path]:
-    """``builtin:NAME``, a file or directory path, or a glob -> the files to read, sorted."""
+def resolve_paths(path: str) -> list[Path | str]:
+    """``builtin:NAME``, a file or directory path, or a glob -> the files to read, sorted.
+    A URI (``s3://bucket/prepared/structures/dataset=mptrj``, any scheme pyarrow knows) gives
+    URIs of the Parquet parts it holds, with the URI's query (endpoint options) kept."""
+    if "://" in path:
+        return _resolve_uri(path)
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name not in BUILTIN:
@@ -63,6 +67,38 @@ def resolve_paths(path: str) -> list[Path]:
     if not files:
         raise DatasetError(f"no file matches dataset path {path!r}")
     return files
+
+
+def _resolve_uri(uri: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    base, _, query = uri.partition("?")
+    scheme = base.split("://", 1)[0]
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.Directory:
+            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                           if i.path.endswith(".parquet")
+                           and not i.base_name.startswith((".", "_")))
+        else:
+            files = [root] if info.type == pafs.FileType.File else []
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read dataset path {uri!r}: {exc}") from None
+    if not files:
+        raise DatasetError(f"no file matches dataset path {uri!r}")
+    return [f"{scheme}://{f}" + (f"?{query}" if query else "") for f in files]
+
+
+def _open_parquet(path: Path | str):
+    """A ``pyarrow.parquet.ParquetFile`` of a local path or a URI."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    if isinstance(path, str) and "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return pq.ParquetFile(fs.open_input_file(inner))
+    return pq.ParquetFile(str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,9 +252,8 @@ def _read_ase_db(path: Path, subset_key: str | None, start_index: int):
         raise DatasetError(f"{path}: cannot read the ASE database: {exc}") from exc
 
 
-def _read_parquet(path: Path, subset_key: str | None, start_index: int):
+def _read_parquet(path: Path | str, subset_key: str | None, start_index: int):
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     def flat(column, dtype):
         """A list column as (values, offsets) numpy arrays: no Python object per value."""
@@ -226,7 +261,7 @@ def _read_parquet(path: Path, subset_key: str | None, start_index: int):
                 column.offsets.to_numpy())
 
     try:
-        file = pq.ParquetFile(str(path))
+        file = _open_parquet(path)
         for batch in file.iter_batches(batch_size=4096, columns=list(STRUCTURE_COLUMNS)):
             numbers, n_off = flat(batch.column("numbers"), np.int64)
             positions, p_off = flat(batch.column("positions"), np.float64)
@@ -407,7 +442,11 @@ def iter_frames(name: str, path: str, fmt: str = "extxyz", subset_key: str | Non
     if on_error not in ("raise", "skip"):
         raise DatasetError(f"dataset {name}: on_error must be 'raise' or 'skip', got {on_error!r}")
     index = 0
-    for file in resolve_paths(path):
+    files = resolve_paths(path)
+    if fmt != "parquet" and any(isinstance(f, str) for f in files):
+        raise DatasetError(f"dataset {name}: format {fmt!r} reads local files only; convert it "
+                           f"first (`latentray prepare ... --output URI`) and read the Parquet")
+    for file in files:
         for item in READERS[fmt](file, subset_key, index):
             if isinstance(item, Frame):
                 yield item
