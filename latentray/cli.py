@@ -3,6 +3,8 @@
 ``latentray run CONFIG [--output DIR] [--limit N] [--address ADDR]``: the whole job.
 ``latentray prepare CONFIG|INPUT --output DIR [--format F] [--name N] [--shard-size S]``:
 datasets (every one of a config, or one input file) -> sharded structures Parquet.
+``latentray status OUTPUT [--config CONFIG] [--json]``: units done, pending, failed, stale
+(exit status 0 when every unit is done, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--subset-key", default="subset", help="info key / field of the subset")
     prep.add_argument("--shard-size", type=int, default=250, help="structures per shard")
     prep.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    stat = sub.add_parser("status", help="which extraction units are done, pending, failed "
+                                         "or stale (exit 0 when all are done)")
+    stat.add_argument("output", help="a job's output directory or URI")
+    stat.add_argument("--config", default=None,
+                      help="compare with this config (default: the last run's, in run.json)")
+    stat.add_argument("--json", action="store_true", help="one JSON record per unit")
     return parser
 
 
@@ -82,7 +90,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from .pipeline import UnitsFailed, run
 
     try:
         config = load_config(args.config, output=args.output)
@@ -92,16 +100,29 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError) as exc:
         print(f"latentray: error: {exc}", file=sys.stderr)
         return 2
+    except UnitsFailed as exc:
+        print(f"latentray: error: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def status_from_args(args: argparse.Namespace) -> int:
+    from .status import status
+
+    try:
+        config = load_config(args.config, output=args.output) if args.config else None
+        text, complete = status(args.output, config, as_json=args.json)
+    except ConfigError as exc:
+        print(f"latentray: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if complete else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return run_from_args(args)
-    if args.command == "prepare":
-        return prepare_from_args(args)
-    return 2
+    commands = {"run": run_from_args, "prepare": prepare_from_args, "status": status_from_args}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

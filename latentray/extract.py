@@ -188,7 +188,24 @@ class ExtractionWorker:
             "files": files,
             "seconds": timings,
             "failure_examples": [f"{shard.structure_id[i]}: {reasons[i][1]}" for i in failed[:3]],
+            "worker": _where(),
         }
+
+
+def _where() -> dict:
+    """The Ray node and process a unit ran in (provenance; None outside Ray)."""
+    import os
+    import socket
+
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,

@@ -28,6 +28,10 @@ from .models.base import resolve_layers
 from .store import FAILURE_SCHEMA, INPUT, Store
 
 
+class UnitsFailed(RuntimeError):
+    """Extraction units that failed after Ray's retries; the finished ones are kept."""
+
+
 @dataclass
 class StageLog:
     """Progress lines on stdout and the time spent per stage."""
@@ -171,6 +175,7 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
     descriptions: dict = {}
     layers: dict = {}
     totals = {"units": 0, "skipped": 0, "ran": 0, "structures": 0, "atoms": 0, "failed": 0}
+    failed_units: list[str] = []
     # one pool of actors per environment, one pool at a time (each holds the CPUs it needs)
     for runtime_env, models in environment_groups(config):
         n_group_units = len(shards) * len(models)
@@ -209,44 +214,11 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
                        f"{len(todo)} to run on {len(actors)} actor(s)")
         totals["units"] += n_group_units
         totals["skipped"] += skipped
-        ran_before = totals["ran"]
         with log.timed("extract"):
-            queue = list(todo)
-            running = {}
-            group_results = []
-            idle = list(actors)
             t_start = time.perf_counter()
-            while queue or running:
-                while queue and idle:
-                    actor = idle.pop()
-                    m, dataset, number, ref, inputs = unit = queue.pop(0)
-                    future = actor.run_unit.remote(m, layers[m.id], ref, store.uri, e.batch_atoms)
-                    running[future] = (actor, unit)
-                done, _ = ray.wait(list(running), num_returns=1)
-                for future in done:
-                    actor, (m, dataset, number, ref, inputs) = running.pop(future)
-                    idle.append(actor)
-                    result = ray.get(future)
-                    group_results.append(result)
-                    store.write_json(store.manifest_path(dataset, m.id, number), {
-                        "inputs": inputs,
-                        "outputs": {"files": result["files"], "structures": result["structures"],
-                                    "processed": result["processed"], "failed": result["failed"],
-                                    "atoms": result["atoms"]},
-                        "seconds": result["seconds"],
-                        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    })
-                    totals["ran"] += 1
-                    for key in ("structures", "atoms", "failed"):
-                        totals[key] += result[key]
-                    s = result["seconds"]
-                    rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
-                    log("extract", f"[{totals['ran'] - ran_before}/{len(todo)}] {m.id} {dataset} shard {number}: "
-                                   f"{result['processed']}/{result['structures']} structures, "
-                                   f"{result['atoms']} atoms, {result['failed']} failed, "
-                                   f"{rate:.0f} atoms/s")
-                    for example in result["failure_examples"]:
-                        log("extract", f"    failed: {example}")
+            group_results = _run_units(todo, actors, lambda: worker_cls.options(
+                runtime_env=runtime_env).remote(torch_threads=e.cpus_per_actor),
+                layers, store, e.batch_atoms, ray, log, totals, failed_units)
             if todo:
                 wall = time.perf_counter() - t_start
                 atoms = sum(int(r["atoms"]) for r in group_results)
@@ -256,8 +228,80 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
                 log("extract", "nothing to extract: every unit is already done")
         for actor in actors:
             ray.kill(actor)
+    if failed_units:
+        raise UnitsFailed(f"{len(failed_units)} extraction unit(s) failed, so nothing was "
+                          f"analysed (the units that finished are kept; a re-run does only "
+                          f"the rest; `latentray status {store.uri}` lists them): "
+                          + "; ".join(failed_units[:5]))
     return {"descriptions": descriptions, "layers": layers, "totals": totals,
             "datasets": counts}
+
+
+def _run_units(todo: list, actors: list, new_actor, layers: dict, store: Store,
+               batch_atoms: int, ray, log: StageLog, totals: dict, failed_units: list) -> list:
+    """Run ``todo`` units on ``actors``, one unit per idle actor; record each unit in the
+    manifest as it finishes. A unit that fails (after Ray's retries: an actor killed in the
+    middle of a unit is restarted and the unit run again) is recorded with its error and the
+    others go on; an actor that is gone for good is replaced."""
+    queue, running, results, idle = list(todo), {}, [], list(actors)
+    n_done = 0
+    while queue or running:
+        while queue and idle:
+            actor = idle.pop()
+            m, dataset, number, ref, inputs = unit = queue.pop(0)
+            running[actor.run_unit.remote(m, layers[m.id], ref, store.uri, batch_atoms)] = \
+                (actor, unit)
+        done, _ = ray.wait(list(running), num_returns=1)
+        for future in done:
+            actor, (m, dataset, number, ref, inputs) = running.pop(future)
+            manifest = store.manifest_path(dataset, m.id, number)
+            finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            n_done += 1
+            try:
+                result = ray.get(future)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    reason = f"the extraction actor died and its restarts are spent: {exc}"
+                    ray.kill(actor)
+                    replacement = new_actor()
+                    actors[actors.index(actor)] = replacement
+                    actor = replacement
+                else:
+                    cause = getattr(exc, "cause", None) or exc
+                    reason = f"{type(cause).__name__}: {cause}"
+                reason = " ".join(reason.split())[:2000]
+                store.write_json(manifest, {"inputs": inputs, "error": reason,
+                                            "requested_layers": list(m.layers),
+                                            "finished": finished})
+                failed_units.append(f"{m.id} {dataset} shard {number}: {reason[:300]}")
+                log("extract", f"[{n_done}/{len(todo)}] {m.id} {dataset} shard {number}: "
+                               f"FAILED: {reason[:300]}")
+                idle.append(actor)
+                continue
+            idle.append(actor)
+            results.append(result)
+            store.write_json(manifest, {
+                "inputs": inputs,
+                "requested_layers": list(m.layers),
+                "outputs": {"files": result["files"], "structures": result["structures"],
+                            "processed": result["processed"], "failed": result["failed"],
+                            "atoms": result["atoms"]},
+                "seconds": result["seconds"],
+                "worker": result["worker"],
+                "finished": finished,
+            })
+            totals["ran"] += 1
+            for key in ("structures", "atoms", "failed"):
+                totals[key] += result[key]
+            s = result["seconds"]
+            rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
+            log("extract", f"[{n_done}/{len(todo)}] {m.id} {dataset} shard {number}: "
+                           f"{result['processed']}/{result['structures']} structures, "
+                           f"{result['atoms']} atoms, {result['failed']} failed, "
+                           f"{rate:.0f} atoms/s")
+            for example in result["failure_examples"]:
+                log("extract", f"    failed: {example}")
+    return results
 
 
 def run(config: Config, *, limit: int | None = None, address: str | None = None,

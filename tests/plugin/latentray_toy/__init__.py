@@ -21,6 +21,11 @@ class RadialAdapter(ModelAdapter):
         self._cutoff = float(params["cutoff"])
         self.centres = np.asarray(params["centres"], dtype=np.float64)
         self.width = float(params["width"])
+        # fault injection for the tests: sleep per batch; kill this process (SIGKILL) in the
+        # middle of a unit, once (when the marker file does not exist yet) or every time
+        self.seconds_per_batch = float(params.get("seconds_per_batch", 0.0))
+        self.kill_once_marker = params.get("kill_once_marker")
+        self.kill_always = bool(params.get("kill_always", False))
         k = len(self.centres)
         self._widths = {"bb1": k, "bb2": k}
         self._supported = None
@@ -32,6 +37,16 @@ class RadialAdapter(ModelAdapter):
         return len(atoms), i, d, atoms.numbers[j]
 
     def forward(self, prepared, layers):
+        import os
+        import signal
+        import time
+
+        time.sleep(self.seconds_per_batch)
+        if self.kill_always or (self.kill_once_marker
+                                and not os.path.exists(self.kill_once_marker)):
+            if self.kill_once_marker:
+                open(self.kill_once_marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
         out = {name: [] for name in layers}
         for n, i, d, zj in prepared:
             g = np.exp(-((d[:, None] - self.centres[None, :]) ** 2) / (2 * self.width**2))

@@ -1,0 +1,217 @@
+"""Cluster runs on one machine: Ray's cluster-config validation of cluster.yaml, a head and two
+worker nodes (``ray.cluster_utils.Cluster``), actors and drivers killed in the middle of a run,
+units that keep failing, ``latentray status``, and outputs on an object store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from ase.io import read
+
+from latentray.cli import main
+from latentray.datasets import resolve_paths
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "tests" / "plugin"
+MAD = resolve_paths("builtin:mad-val-1000")[0]
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))  # what `ray up` does before it starts anything
+    types = raw["available_node_types"]
+    assert types[raw["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    broken = {**raw, "available_node_types": {**types, "gpu_worker": {
+        **types["gpu_worker"], "resource": {"GPU": 1}}}}
+    with pytest.raises(Exception, match="resource"):
+        validate_config(prepare_config(broken))
+
+
+def latents(output: Path, model: str | None = None) -> pd.DataFrame:
+    table = ds.dataset(output / "latents", format="parquet", partitioning="hive").to_table(
+        filter=None if model is None else ds.field("model") == model).to_pandas()
+    return table.sort_values(["model", "layer", "structure_index", "atom_index"],
+                             ignore_index=True)
+
+
+def assert_same_latents(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert len(a) == len(b)
+    for column in ("model", "layer", "structure_id", "atom_index", "Z"):
+        assert (a[column].to_numpy() == b[column].to_numpy()).all(), column
+    np.testing.assert_allclose(np.stack(a.features.to_numpy()),
+                               np.stack(b.features.to_numpy()), rtol=1e-6, atol=1e-6)
+
+
+def test_three_nodes_give_the_results_of_one(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "output": "unused", "datasets": [{"name": "mad", "path": "builtin:mad-val-1000",
+                                          "limit": 24}],
+        "models": [{"id": "chgnet-0.3.0", "family": "chgnet", "checkpoint": "0.3.0",
+                    "layers": ["bb"]}],
+        "extraction": {"shard_size": 4},
+        "analyses": {"n_test": 100, "metrics": ["gfre"], "order_metrics": ["gfre"],
+                     "baselines": []}}))
+    try:
+        assert main(["run", str(config), "--output", str(tmp_path / "one"), "--quiet"]) == 0
+    finally:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        assert main(["run", str(config), "--output", str(tmp_path / "three"), "--quiet",
+                     "--address", cluster.address]) == 0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    nodes = {json.loads(p.read_text())["worker"]["node"]
+             for p in (tmp_path / "three" / "manifest").rglob("*.json")}
+    assert len(nodes) >= 2  # the units did spread over the nodes
+    assert_same_latents(latents(tmp_path / "one"), latents(tmp_path / "three"))
+    one, three = (pd.read_csv(tmp_path / d / "results" / "reconstruction.csv")
+                  for d in ("one", "three"))
+    np.testing.assert_allclose(one.value, three.value, rtol=1e-9)
+
+
+# the toy family of tests/plugin, with fault injection, run by `latentray run` in a subprocess
+
+
+def toy_config(tmp_path: Path, output: Path, models: dict[str, dict], limit: int,
+               shard_size: int) -> Path:
+    entries = []
+    for name, extra in models.items():
+        checkpoint = tmp_path / f"{name}.json"
+        checkpoint.write_text(json.dumps({"cutoff": 5.0, "centres": [1.0, 2.0, 3.0, 4.0],
+                                          "width": 0.4, **extra}))
+        entries.append({"id": name, "family": "toy-radial", "checkpoint": str(checkpoint),
+                        "layers": ["all"]})
+    config = tmp_path / f"{output.name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "output": str(output),
+        "datasets": [{"name": "mad", "path": "builtin:mad-val-1000", "limit": limit}],
+        "models": entries, "extraction": {"shard_size": shard_size, "actors": 2},
+        "analyses": {"n_test": 100, "metrics": ["gfre"], "order_metrics": [],
+                     "baselines": []}}))
+    return config
+
+
+def cli(*args: str, wait: bool = True, timeout: float = 600):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(PLUGIN)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    command = [sys.executable, "-m", "latentray.cli", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def visible_parquet_files_are_complete(output: Path) -> None:
+    """Every file a reader can see opens; partial writes exist only under hidden names."""
+    for path in output.rglob("*.parquet"):
+        if not path.name.startswith("."):
+            pq.read_metadata(path)
+    for path in output.rglob("*.tmp"):
+        assert path.name.startswith(".")
+
+
+def expected_rows(limit: int) -> int:
+    return sum(len(a) for a in read(MAD, index=f":{limit}"))
+
+
+def test_an_actor_killed_in_the_middle_of_a_unit_is_restarted_and_the_unit_rerun(tmp_path):
+    marker = tmp_path / "killed-once"
+    config = toy_config(tmp_path, tmp_path / "out", {"toy-a": {"kill_once_marker": str(marker)}},
+                        limit=40, shard_size=10)
+    done = cli("run", str(config), "--quiet")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert marker.exists()  # an actor was killed in the middle of a unit
+    rows = latents(tmp_path / "out")
+    n_atoms = expected_rows(40)
+    for layer, part in rows.groupby("layer"):
+        assert len(part) == n_atoms  # nothing missing ...
+        assert not part.duplicated(["structure_index", "atom_index"]).any()  # ... or twice
+    visible_parquet_files_are_complete(tmp_path / "out")
+    (tmp_path / "clean").mkdir()
+    clean = toy_config(tmp_path / "clean", tmp_path / "clean-out", {"toy-a": {}}, 40, 10)
+    assert cli("run", str(clean), "--quiet").returncode == 0
+    assert_same_latents(rows, latents(tmp_path / "clean-out"))
+
+
+def test_failed_units_are_recorded_kept_apart_and_redone(tmp_path):
+    output = tmp_path / "out"
+    config = toy_config(tmp_path, output, {"toy-a": {}, "toy-b": {"kill_always": True}},
+                        limit=20, shard_size=10)
+    done = cli("run", str(config), "--quiet")
+    assert done.returncode == 1
+    assert "2 extraction unit(s) failed" in done.stderr and "toy-b" in done.stderr
+    status = cli("status", str(output), "--config", str(config))
+    assert status.returncode == 1
+    text = status.stdout
+    assert "toy-a" in text and "failed (2):" in text and "actor died" in text
+    table = [line.split() for line in text.splitlines() if line.startswith("mad ")]
+    assert ["mad", "toy-a", "2", "0", "0", "0", "0"] in table
+    assert ["mad", "toy-b", "0", "0", "2", "0", "0"] in table
+    assert len(latents(output, "toy-a")) == 2 * expected_rows(20)  # kept: bb1 and bb2
+    # mend the model (a new checkpoint file content): its units are stale, toy-a's done
+    (tmp_path / "toy-b.json").write_text(json.dumps({"cutoff": 5.0, "centres": [1.0, 2.5],
+                                                     "width": 0.4}))
+    text = cli("status", str(output), "--config", str(config)).stdout
+    assert "changed since it ran: checkpoint_sha256" in text
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 already done" in done.stdout
+    status = cli("status", str(output), "--config", str(config))
+    assert status.returncode == 0 and "failed (" not in status.stdout
+
+
+def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupted_run(tmp_path):
+    slow = {"seconds_per_batch": 0.15}
+    config = toy_config(tmp_path, tmp_path / "out", {"toy-a": slow, "toy-b": slow},
+                        limit=120, shard_size=10)
+    driver = cli("run", str(config), wait=False)
+    manifests = tmp_path / "out" / "manifest"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(manifests.rglob("*.json"))) < 4:
+        assert driver.poll() is None, driver.stdout.read()
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray's reaper ends the rest
+    driver.wait(timeout=60)
+    finished_before = len(list(manifests.rglob("*.json")))
+    assert 4 <= finished_before < 24
+    assert not (tmp_path / "out" / "run.json").exists()
+    status = cli("status", str(tmp_path / "out"), "--config", str(config))
+    assert status.returncode == 1 and "pending" in status.stdout
+    visible_parquet_files_are_complete(tmp_path / "out")
+
+    resumed = cli("run", str(config))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"{finished_before} already done" in resumed.stdout
+
+    reference = toy_config(tmp_path, tmp_path / "ref", {"toy-a": slow, "toy-b": slow},
+                           limit=120, shard_size=10)
+    assert cli("run", str(reference), "--quiet").returncode == 0
+    assert_same_latents(latents(tmp_path / "out"), latents(tmp_path / "ref"))
+    ours, theirs = (pd.read_csv(tmp_path / d / "results" / "reconstruction.csv")
+                    for d in ("out", "ref"))
+    np.testing.assert_allclose(ours.value, theirs.value, rtol=1e-12)
