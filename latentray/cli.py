@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _guess_format(path: str) -> str:
     name = path.lower()
+    if name.startswith("builtin:"):
+        return "extxyz"
     for suffix, fmt in ((".json", "mptrj-json"), (".db", "ase-db"), (".parquet", "parquet"),
                         (".xyz", "extxyz"), (".extxyz", "extxyz")):
         if name.endswith(suffix):

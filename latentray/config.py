@@ -55,6 +55,9 @@ class ExtractionConfig:
     actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0
+    # CPU actors per extraction actor that build its graphs ahead of it (on a GPU node: its
+    # spare CPUs); 0: each extraction actor builds its own
+    graph_builders: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,9 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
         _positive_int(e.actors, f"{source}: extraction.actors")
     _check(isinstance(e.gpus_per_actor, (int, float)) and e.gpus_per_actor >= 0,
            f"{source}: extraction.gpus_per_actor: a number >= 0")
+    _check(isinstance(e.graph_builders, int) and not isinstance(e.graph_builders, bool)
+           and e.graph_builders >= 0,
+           f"{source}: extraction.graph_builders: an integer >= 0, got {e.graph_builders!r}")
 
     a = analyses
     bad = sorted(set(a.metrics) - set(METRICS))

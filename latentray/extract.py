@@ -2,8 +2,10 @@
 
 The actor is the only place that imports a model package. For each unit it
 
-1. converts every structure of the shard into the model's input (``adapter.prepare``);
-   a structure the model cannot process becomes a failure row with the reason;
+1. converts every structure of the shard into the model's input (``adapter.prepare``:
+   graph building, on CPU); a structure the model cannot process becomes a failure row
+   with the reason. With graph builders (``extraction.graph_builders``: CPU actors beside a
+   GPU actor) the graphs are built by them, a few batches ahead, while the GPU runs;
 2. runs batched forward passes, each filled up to ``batch_atoms`` atoms (not a fixed
    number of structures); a batch that fails is retried structure by structure, so
    one bad structure costs only itself;
@@ -15,6 +17,7 @@ re-run skips every unit whose manifest entry matches (see :func:`unit_inputs`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import posixpath
@@ -91,18 +94,82 @@ class ExtractionWorker:
             },
         }
 
-    def run_unit(self, model: ModelConfig, layers: list[str], shard: StructureShard,
-                 output: str, batch_atoms: int) -> dict:
-        from .models import StructureError
+    def prepare_structures(self, model: ModelConfig, shard: StructureShard,
+                           indices: list[int]) -> tuple[list, dict, float]:
+        """Build the model's inputs for ``indices`` of ``shard`` on this CPU: the work of a
+        graph builder (an actor that runs beside an extraction actor, ahead of it).
 
+        Returns ``[(i, prepared)]``, ``{i: (stage, reason)}`` for the structures the model
+        cannot take, and the seconds spent."""
+        t = time.perf_counter()
+        adapter = self._adapter(dataclasses.replace(model, device="cpu"))
+        prepared, reasons = [], {}
+        for i in indices:
+            try:
+                prepared.append((i, adapter.prepare(shard.atoms(i))))
+            except Exception as exc:
+                reasons[i] = ("prepare", _reason(exc))
+        return prepared, reasons, time.perf_counter() - t
+
+    def _prepared(self, adapter, model: ModelConfig, shard: StructureShard, shard_ref,
+                  builders: list, batch_atoms: int, reasons: dict, timings: dict):
+        """``(i, prepared)`` for every structure of the shard the model can take, in order;
+        the others go to ``reasons``. Without builders the structures are prepared here;
+        with builders, chunks of about ``batch_atoms`` atoms are prepared by them, a few
+        chunks ahead of the forward passes that consume them."""
+        if not builders:
+            for i in range(len(shard)):
+                t = time.perf_counter()
+                try:
+                    yield i, adapter.prepare(shard.atoms(i))
+                except Exception as exc:  # a failure is only this structure's
+                    reasons[i] = ("prepare", _reason(exc))
+                finally:
+                    timings["prepare"] += time.perf_counter() - t
+            return
+        import ray
+
+        chunks, chunk, size = [], [], 0
+        for i in range(len(shard)):
+            chunk.append(i)
+            size += int(shard.n_atoms[i])
+            if size >= batch_atoms:
+                chunks.append(chunk)
+                chunk, size = [], 0
+        if chunk:
+            chunks.append(chunk)
+        ahead = 2 * len(builders)
+        futures = [builders[k % len(builders)].prepare_structures.remote(model, shard_ref, c)
+                   for k, c in enumerate(chunks[:ahead])]
+        for k in range(len(chunks)):
+            t = time.perf_counter()
+            prepared, failed, seconds = ray.get(futures[k])
+            timings["wait_for_graphs"] += time.perf_counter() - t
+            timings["prepare"] += seconds
+            futures[k] = None
+            if k + ahead < len(chunks):
+                futures.append(builders[(k + ahead) % len(builders)].prepare_structures.remote(
+                    model, shard_ref, chunks[k + ahead]))
+            reasons.update(failed)
+            yield from prepared
+
+    def run_unit(self, model: ModelConfig, layers: list[str], shard_ref: list,
+                 output: str, batch_atoms: int, builders: list | None = None) -> dict:
+        """Run one (shard, model) unit. ``shard_ref`` is ``[ObjectRef]`` of the shard (in a
+        list, so that Ray hands the reference on to the builders rather than the data)."""
+        import ray
+
+        t_unit = time.perf_counter()
         t0 = time.perf_counter()
         adapter = self._adapter(model)
         t_load = time.perf_counter() - t0
+        shard: StructureShard = ray.get(shard_ref[0])
         store = Store(output)
         n = len(shard)
         reasons: dict[int, tuple[str, str]] = {}
         outputs: dict[int, dict[str, np.ndarray]] = {}
-        timings = {"load": t_load, "prepare": 0.0, "forward": 0.0, "write": 0.0}
+        timings = {"load": t_load, "prepare": 0.0, "wait_for_graphs": 0.0, "forward": 0.0,
+                   "write": 0.0}
 
         def run_batch(batch: list[tuple[int, Any]]) -> None:
             t = time.perf_counter()
@@ -111,7 +178,7 @@ class ExtractionWorker:
             except Exception as exc:
                 timings["forward"] += time.perf_counter() - t
                 if len(batch) == 1:
-                    reasons[batch[0][0]] = ("forward", f"{type(exc).__name__}: {exc}")
+                    reasons[batch[0][0]] = ("forward", _reason(exc))
                     return
                 for item in batch:  # isolate the structure(s) that fail
                     run_batch([item])
@@ -128,18 +195,8 @@ class ExtractionWorker:
 
         batch: list[tuple[int, Any]] = []
         batch_size = 0
-        for i in range(n):
-            t = time.perf_counter()
-            try:
-                prepared = adapter.prepare(shard.atoms(i))
-            except StructureError as exc:
-                reasons[i] = ("prepare", str(exc))
-                continue
-            except Exception as exc:  # an unexpected failure is still only this structure's
-                reasons[i] = ("prepare", f"{type(exc).__name__}: {exc}")
-                continue
-            finally:
-                timings["prepare"] += time.perf_counter() - t
+        for i, prepared in self._prepared(adapter, model, shard, shard_ref[0], builders or [],
+                                          batch_atoms, reasons, timings):
             batch.append((i, prepared))
             batch_size += int(shard.n_atoms[i])
             if batch_size >= batch_atoms:
@@ -177,6 +234,7 @@ class ExtractionWorker:
             posixpath.join(store.failures_dir(shard.dataset, model.id), store.part(shard.shard)),
             failures)
         timings["write"] = time.perf_counter() - t
+        timings["wall"] = time.perf_counter() - t_unit
         if len(done) + len(failed) != n:
             raise RuntimeError(f"{model.id}: {n} structures in, {len(done)} out + "
                                f"{len(failed)} failed")
@@ -190,6 +248,13 @@ class ExtractionWorker:
             "failure_examples": [f"{shard.structure_id[i]}: {reasons[i][1]}" for i in failed[:3]],
             "worker": _where(),
         }
+
+
+def _reason(exc: Exception) -> str:
+    """A structure's failure reason: the message of a StructureError, else the type too."""
+    from .models import StructureError
+
+    return str(exc) if isinstance(exc, StructureError) else f"{type(exc).__name__}: {exc}"
 
 
 def _where() -> dict:

@@ -15,6 +15,7 @@ import posixpath
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timezone
 
 import numpy as np
@@ -110,14 +111,65 @@ def environment_groups(config: Config) -> list[tuple[dict | None, list]]:
 
 
 def _n_actors(config: Config, ray, pending: int) -> int:
+    """``extraction.actors``, or as many extraction actors as the cluster's resources hold
+    now, each with its CPUs, its GPUs and its graph builders' CPUs."""
     e = config.extraction
     if e.actors:
         n = e.actors
     else:
         res = ray.cluster_resources()
-        n = int(res.get("GPU", 0) // e.gpus_per_actor) if e.gpus_per_actor else \
-            int(res.get("CPU", 1) // e.cpus_per_actor)
+        n = int(res.get("CPU", 1) // (e.cpus_per_actor + e.graph_builders))
+        if e.gpus_per_actor:
+            n = min(n, int(res.get("GPU", 0) // e.gpus_per_actor))
     return max(1, min(n, max(pending, 1)))
+
+
+@dataclass
+class Slot:
+    """An extraction actor and the graph builders (CPU actors) that work ahead of it; with
+    builders, the three live in one placement group, packed onto one node where it fits."""
+
+    actor: Any
+    builders: list
+    group: Any = None  # the placement group, or None
+
+    def bundle(self, index: int) -> dict:
+        """Ray options that place an actor in bundle ``index`` of the group."""
+        if self.group is None:
+            return {}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=index)}
+
+    def kill(self, ray) -> None:
+        for actor in [self.actor, *self.builders]:
+            ray.kill(actor)
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+
+
+def _start_slot(worker_cls, config: Config, runtime_env: dict | None) -> Slot:
+    e = config.extraction
+    slot = Slot(actor=None, builders=[])
+    if e.graph_builders:
+        from ray.util.placement_group import placement_group
+
+        main = {"CPU": e.cpus_per_actor, **({"GPU": e.gpus_per_actor} if e.gpus_per_actor
+                                             else {})}
+        slot.group = placement_group([main] + [{"CPU": 1}] * e.graph_builders, strategy="PACK")
+        slot.builders = [worker_cls.options(runtime_env=runtime_env, num_cpus=1, num_gpus=0,
+                                            **slot.bundle(k + 1)).remote(torch_threads=1)
+                         for k in range(e.graph_builders)]
+    slot.actor = _new_actor(worker_cls, config, runtime_env, slot)
+    return slot
+
+
+def _new_actor(worker_cls, config: Config, runtime_env: dict | None, slot: Slot):
+    return worker_cls.options(runtime_env=runtime_env, **slot.bundle(0)).remote(
+        torch_threads=config.extraction.cpus_per_actor)
 
 
 def write_shard_tables(store: Store, shard) -> None:
@@ -179,11 +231,14 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
     # one pool of actors per environment, one pool at a time (each holds the CPUs it needs)
     for runtime_env, models in environment_groups(config):
         n_group_units = len(shards) * len(models)
-        actors = [worker_cls.options(runtime_env=runtime_env).remote(torch_threads=e.cpus_per_actor)
-                  for _ in range(_n_actors(config, ray, n_group_units))]
+        slots = [_start_slot(worker_cls, config, runtime_env)
+                 for _ in range(_n_actors(config, ray, n_group_units))]
+        actors = [slot.actor for slot in slots]
         if runtime_env:
             log("extract", f"{', '.join(m.id for m in models)}: {len(actors)} actor(s) in the "
                            f"environment of family {models[0].family!r}")
+        if e.graph_builders:
+            log("extract", f"{e.graph_builders} graph builder(s) per extraction actor")
 
         with log.timed("describe"):
             descriptions.update(zip(
@@ -216,8 +271,8 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
         totals["skipped"] += skipped
         with log.timed("extract"):
             t_start = time.perf_counter()
-            group_results = _run_units(todo, actors, lambda: worker_cls.options(
-                runtime_env=runtime_env).remote(torch_threads=e.cpus_per_actor),
+            group_results = _run_units(
+                todo, slots, lambda slot: _new_actor(worker_cls, config, runtime_env, slot),
                 layers, store, e.batch_atoms, ray, log, totals, failed_units)
             if todo:
                 wall = time.perf_counter() - t_start
@@ -226,8 +281,8 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
                                f"{atoms / wall:.0f} atoms/s over all actors")
             else:
                 log("extract", "nothing to extract: every unit is already done")
-        for actor in actors:
-            ray.kill(actor)
+        for slot in slots:
+            slot.kill(ray)
     if failed_units:
         raise UnitsFailed(f"{len(failed_units)} extraction unit(s) failed, so nothing was "
                           f"analysed (the units that finished are kept; a re-run does only "
@@ -237,23 +292,23 @@ def run_extraction(config: Config, store: Store, ray, log: StageLog,
             "datasets": counts}
 
 
-def _run_units(todo: list, actors: list, new_actor, layers: dict, store: Store,
+def _run_units(todo: list, slots: list[Slot], new_actor, layers: dict, store: Store,
                batch_atoms: int, ray, log: StageLog, totals: dict, failed_units: list) -> list:
-    """Run ``todo`` units on ``actors``, one unit per idle actor; record each unit in the
+    """Run ``todo`` units, one unit per idle extraction actor; record each unit in the
     manifest as it finishes. A unit that fails (after Ray's retries: an actor killed in the
     middle of a unit is restarted and the unit run again) is recorded with its error and the
     others go on; an actor that is gone for good is replaced."""
-    queue, running, results, idle = list(todo), {}, [], list(actors)
+    queue, running, results, idle = list(todo), {}, [], list(slots)
     n_done = 0
     while queue or running:
         while queue and idle:
-            actor = idle.pop()
+            slot = idle.pop()
             m, dataset, number, ref, inputs = unit = queue.pop(0)
-            running[actor.run_unit.remote(m, layers[m.id], ref, store.uri, batch_atoms)] = \
-                (actor, unit)
+            running[slot.actor.run_unit.remote(m, layers[m.id], [ref], store.uri, batch_atoms,
+                                               slot.builders)] = (slot, unit)
         done, _ = ray.wait(list(running), num_returns=1)
         for future in done:
-            actor, (m, dataset, number, ref, inputs) = running.pop(future)
+            slot, (m, dataset, number, ref, inputs) = running.pop(future)
             manifest = store.manifest_path(dataset, m.id, number)
             finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             n_done += 1
@@ -262,10 +317,8 @@ def _run_units(todo: list, actors: list, new_actor, layers: dict, store: Store,
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 if isinstance(exc, ray.exceptions.RayActorError):
                     reason = f"the extraction actor died and its restarts are spent: {exc}"
-                    ray.kill(actor)
-                    replacement = new_actor()
-                    actors[actors.index(actor)] = replacement
-                    actor = replacement
+                    ray.kill(slot.actor)
+                    slot.actor = new_actor(slot)
                 else:
                     cause = getattr(exc, "cause", None) or exc
                     reason = f"{type(cause).__name__}: {cause}"
@@ -276,9 +329,9 @@ def _run_units(todo: list, actors: list, new_actor, layers: dict, store: Store,
                 failed_units.append(f"{m.id} {dataset} shard {number}: {reason[:300]}")
                 log("extract", f"[{n_done}/{len(todo)}] {m.id} {dataset} shard {number}: "
                                f"FAILED: {reason[:300]}")
-                idle.append(actor)
+                idle.append(slot)
                 continue
-            idle.append(actor)
+            idle.append(slot)
             results.append(result)
             store.write_json(manifest, {
                 "inputs": inputs,
@@ -293,8 +346,7 @@ def _run_units(todo: list, actors: list, new_actor, layers: dict, store: Store,
             totals["ran"] += 1
             for key in ("structures", "atoms", "failed"):
                 totals[key] += result[key]
-            s = result["seconds"]
-            rate = result["atoms"] / max(s["prepare"] + s["forward"] + s["write"], 1e-9)
+            rate = result["atoms"] / max(result["seconds"]["wall"], 1e-9)
             log("extract", f"[{n_done}/{len(todo)}] {m.id} {dataset} shard {number}: "
                            f"{result['processed']}/{result['structures']} structures, "
                            f"{result['atoms']} atoms, {result['failed']} failed, "

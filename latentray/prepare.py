@@ -33,7 +33,7 @@ def prepare_dataset(dataset: DatasetConfig, output: str, shard_size: int = 250,
         counts["failed"] += len(shard.failures)
         counts["dropped"] += len(shard.dropped)
     counts["seconds"] = round(time.perf_counter() - t, 3)
-    counts["path"] = store.path("structures", f"dataset={dataset.name}")
+    counts["path"] = store.display(store.path("structures", f"dataset={dataset.name}"))
     log(f"{dataset.name}: {counts['structures']} structures ({counts['atoms']} atoms) in "
         f"{counts['shards']} shard(s), {counts['failed']} frame(s) could not be read, "
         f"{counts['dropped']} dropped by filters, {counts['seconds']:.1f} s -> {counts['path']}")

@@ -235,5 +235,5 @@ listed here per model with the reason (from <code>failures/</code>).</p>
     path = store.path("report.html")
     store.write_bytes(path, page.encode())
     _remove_stale_figures(store, {src for src, _ in figures})
-    log("report", f"{len(figures)} figure(s), report at {path}")
-    return path
+    log("report", f"{len(figures)} figure(s), report at {store.display(path)}")
+    return store.display(path)

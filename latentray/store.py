@@ -66,6 +66,11 @@ class Store:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def display(self, path: str) -> str:
+        """``path`` as a user would write it: with the URI's scheme (``s3://bucket/...``),
+        without its options."""
+        return f"{self.uri.split('://', 1)[0]}://{path}" if "://" in self.uri else path
+
     @staticmethod
     def part(shard: int, suffix: str = "parquet") -> str:
         return f"part-{shard:05d}.{suffix}"

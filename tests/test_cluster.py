@@ -54,8 +54,10 @@ def assert_same_latents(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert len(a) == len(b)
     for column in ("model", "layer", "structure_id", "atom_index", "Z"):
         assert (a[column].to_numpy() == b[column].to_numpy()).all(), column
-    np.testing.assert_allclose(np.stack(a.features.to_numpy()),
-                               np.stack(b.features.to_numpy()), rtol=1e-6, atol=1e-6)
+    for (model, layer), rows in a.groupby(["model", "layer"]).groups.items():
+        np.testing.assert_allclose(np.stack(a.features[rows].to_numpy()),
+                                   np.stack(b.features[rows].to_numpy()), rtol=1e-6,
+                                   atol=1e-6, err_msg=f"{model} {layer}")
 
 
 def test_three_nodes_give_the_results_of_one(tmp_path):
@@ -215,3 +217,146 @@ def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupte
     ours, theirs = (pd.read_csv(tmp_path / d / "results" / "reconstruction.csv")
                     for d in ("out", "ref"))
     np.testing.assert_allclose(ours.value, theirs.value, rtol=1e-12)
+
+
+def test_graph_builders_give_the_latents_of_the_actor_alone(tmp_path):
+    """Graphs built by a CPU builder actor beside the extraction actor (the GPU layout) give
+    the latents and failures of an actor that builds its own; MAD 280..319 holds two Po
+    structures that SevenNet cannot take."""
+    import ray
+    from ase.io import write
+
+    frames = read(MAD, index="280:320")
+    write(tmp_path / "slice.xyz", frames, format="extxyz")
+    outputs = {}
+    for builders in (0, 1):
+        config = tmp_path / f"b{builders}.yaml"
+        config.write_text(yaml.safe_dump({
+            "output": str(tmp_path / f"out{builders}"),
+            "datasets": [{"name": "mad", "path": str(tmp_path / "slice.xyz")}],
+            "models": [{"id": "chgnet-0.3.0", "family": "chgnet", "checkpoint": "0.3.0",
+                        "layers": ["bb", "ll"]},
+                       {"id": "sevennet-0", "family": "sevenn", "checkpoint": "7net-0",
+                        "layers": ["bb"]}],
+            "extraction": {"shard_size": 20, "batch_atoms": 200, "actors": 1,
+                           "graph_builders": builders},
+            "analyses": {"n_test": 100, "metrics": ["gfre"], "order_metrics": [],
+                         "baselines": []}}))
+        try:
+            assert main(["run", str(config), "--quiet"]) == 0
+        finally:
+            ray.shutdown()
+        outputs[builders] = tmp_path / f"out{builders}"
+    alone, built = (latents(outputs[b]) for b in (0, 1))
+    assert len(alone) == 3 * sum(len(a) for a in frames) - len(frames[11]) - len(frames[38])
+    assert_same_latents(alone, built)
+    failures = [pq.read_table(outputs[b] / "failures" / "dataset=mad" / "model=sevennet-0")
+                .to_pandas().sort_values("structure_index") for b in (0, 1)]
+    assert failures[0].structure_index.tolist() == [11, 38]
+    assert failures[0][["structure_index", "reason"]].equals(
+        failures[1][["structure_index", "reason"]])
+    manifest = json.loads((outputs[1] / "manifest" / "dataset=mad" / "model=chgnet-0.3.0" /
+                           "part-00000.json").read_text())
+    assert manifest["seconds"]["prepare"] > 0 and "wait_for_graphs" in manifest["seconds"]
+
+
+def test_a_new_model_or_new_shards_redo_only_their_units_and_fits(tmp_path):
+    """The scheduled re-run: a model added to the config runs only its own units and the
+    fits that involve it; more structures (new shards) run only the new units, and every
+    fit again (its data changed). The end equals a run from scratch."""
+    two = {"toy-a": {}, "toy-b": {}}
+    three = {**two, "toy-c": {"width": 0.6}}
+    output = tmp_path / "out"
+    first = cli("run", str(toy_config(tmp_path, output, two, limit=20, shard_size=10)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    added = cli("run", str(toy_config(tmp_path, output, three, limit=20, shard_size=10)))
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert "6 unit(s): 4 already done (manifest matches), 2 to run" in added.stdout
+    assert "12 fits: 4 already done (inputs unchanged), 8 to run" in added.stdout
+    assert "2 computed, 4 unchanged" in added.stdout  # toy-c's cumulants of bb (bb2), 2 shards
+    grown = cli("run", str(toy_config(tmp_path, output, three, limit=30, shard_size=10)))
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "9 unit(s): 6 already done (manifest matches), 3 to run" in grown.stdout
+    assert "12 fits: 0 already done (inputs unchanged), 12 to run" in grown.stdout
+    (tmp_path / "scratch").mkdir()
+    scratch = toy_config(tmp_path / "scratch", tmp_path / "scratch-out", three, 30, 10)
+    assert cli("run", str(scratch), "--quiet").returncode == 0
+    assert_same_latents(latents(output), latents(tmp_path / "scratch-out"))
+    ours, theirs = (pd.read_csv(d / "results" / "reconstruction.csv")
+                    for d in (output, tmp_path / "scratch-out"))
+    assert len(ours) == 12
+    np.testing.assert_allclose(ours.value, theirs.value, rtol=1e-12)
+
+
+@pytest.fixture
+def object_store():
+    """An S3 endpoint on this machine (moto's server), with a bucket: (URI prefix, options)."""
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                      endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir("latentray")
+    saved = {k: os.environ.get(k) for k in credentials}
+    os.environ.update(credentials)
+    try:
+        yield "s3://latentray", options
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def test_inputs_and_outputs_on_an_object_store(tmp_path, object_store):
+    """Prepared structures read from, and every output written to, an S3 bucket through
+    pyarrow's filesystems: the same latents and numbers as a local run; a re-run does no
+    work; ``latentray status`` reads the bucket."""
+    import pyarrow.fs as pafs
+
+    bucket, options = object_store
+    prepared = cli("prepare", "builtin:mad-val-1000", "--name", "mad", "--shard-size", "10",
+                   "--output", f"{bucket}/prepared?{options}")
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    local = toy_config(tmp_path, tmp_path / "local", {"toy-a": {}, "toy-b": {}}, limit=30,
+                       shard_size=10)
+    assert cli("run", str(local), "--quiet").returncode == 0
+    raw = yaml.safe_load(local.read_text())
+    raw["output"] = f"{bucket}/out?{options}"
+    raw["datasets"] = [{"name": "mad", "format": "parquet", "limit": 30,
+                        "path": f"{bucket}/prepared/structures/dataset=mad?{options}"}]
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(yaml.safe_dump(raw))
+    done = cli("run", str(remote))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "report at s3://latentray/out/report.html" in done.stdout
+    fs, root = pafs.FileSystem.from_uri(f"{bucket}/out?{options}")
+    copy = tmp_path / "copy"  # the bucket's outputs, fetched to compare
+    pafs.copy_files(root, str(copy), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    local_rows, remote_rows = latents(tmp_path / "local"), latents(copy)
+    assert (local_rows.structure_id.str.split(":").str[-1]
+            == remote_rows.structure_id.str.split(":").str[-1]).all()
+    np.testing.assert_array_equal(np.stack(local_rows.features), np.stack(remote_rows.features))
+    ours, theirs = (pd.read_csv(d / "results" / "reconstruction.csv")
+                    for d in (tmp_path / "local", copy))
+    np.testing.assert_allclose(ours.value, theirs.value, rtol=1e-12)
+    assert (copy / "report.html").exists() and list((copy / "figures").glob("*.png"))
+    visible_parquet_files_are_complete(copy)
+    again = cli("run", str(remote))
+    assert "6 unit(s): 6 already done" in again.stdout and ": 0 already done" not in again.stdout
+    status = cli("status", f"{bucket}/out?{options}")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert ["mad", "toy-a", "3", "0", "0", "0", "0"] in [
+        line.split() for line in status.stdout.splitlines()]
