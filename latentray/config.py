@@ -51,7 +51,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ExtractionConfig:
     shard_size: int = 250  # structures per unit of work
-    batch_atoms: int = 128  # atom budget of one forward batch (CPU: small is faster; GPU: raise it)
+    batch_atoms: int = 64  # atom budget of one forward batch (CPU: small is faster; GPU: raise it)
     actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
     cpus_per_actor: int = 1
     gpus_per_actor: float = 0.0

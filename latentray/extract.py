@@ -258,8 +258,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _where() -> dict:
-    """The Ray node and process a unit ran in (provenance; None outside Ray)."""
+    """The Ray node and process a unit ran in, and the process's peak memory so far (GB)."""
     import os
+    import resource
     import socket
 
     node = None
@@ -270,7 +271,9 @@ def _where() -> dict:
             node = ray.get_runtime_context().get_node_id()
     except ImportError:
         pass
-    return {"node": node, "host": socket.gethostname(), "pid": os.getpid()}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    return {"node": node, "host": socket.gethostname(), "pid": os.getpid(),
+            "peak_rss_gb": round(peak, 3)}
 
 
 def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,

@@ -59,3 +59,14 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("output: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(path)
+
+
+def test_the_mptrj_config_runs_every_packaged_model_on_gpus():
+    config = load_config(ROOT / "jobs/configs/mptrj.yaml")
+    checkpoints = {(m.family, m.checkpoint, m.modality) for m in config.models}
+    assert checkpoints == {("chgnet", c, None) for c in ("0.3.0", "0.2.0", "r2scan")} | {
+        ("sevenn", c, None) for c in ("7net-0", "7net-0_22may2024", "7net-l3i5")} | {
+        ("sevenn", "7net-mf-0", "PBE"), ("sevenn", "7net-mf-0", "R2SCAN")}
+    assert config.output.startswith("s3://") and config.datasets[0].format == "parquet"
+    e = config.extraction
+    assert e.gpus_per_actor == 1 and e.graph_builders >= 1
