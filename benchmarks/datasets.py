@@ -24,7 +24,7 @@ the big file too where its peak RSS, extrapolated from the small file, stays und
 
 Every measurement is a child process of this script (one BLAS thread). Seconds:
 ``perf_counter`` around the read alone (imports done before). Peak RSS: the child's
-``ru_maxrss`` (interpreter and imports included). GB = 1e9 bytes, MB = 1e6 bytes. Where
+``VmHWM`` (interpreter and imports included; its own, not the parent's at the fork). GB = 1e9 bytes, MB = 1e6 bytes. Where
 latentray and a naive reader read the same file, their frame and atom counts and a checksum of
 the positions must agree (asserted).
 """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 
 
 def describe(**versions: str) -> dict:
@@ -22,5 +21,8 @@ def describe(**versions: str) -> dict:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory (``ru_maxrss``, KiB on Linux), in GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """This process's peak resident memory in GB (``VmHWM``: this program image only, not
+    its parent's memory at the fork, which ``ru_maxrss`` would include)."""
+    from latentray.extract import peak_rss_gb as peak
+
+    return peak()

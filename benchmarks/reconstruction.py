@@ -23,7 +23,7 @@ later runs). The in-memory methods get the same values read back from Parquet, a
 
 Every run is a child process of this script (one BLAS thread). Wall time: ``perf_counter``
 around the call only (in-memory: not the loading; streaming: the whole call, Parquet reading
-included). Peak RSS: the child's ``ru_maxrss`` over the call: the high-water mark is reset
+included). Peak RSS: the child's ``VmHWM`` over the call: the high-water mark is reset
 (``/proc/self/clear_refs``) just before it, so it counts the resident data and interpreter but
 not the loading (the JSON also has the peak including the loading). GB = 1e9 bytes. skmatter
 is skipped where its extrapolated memory or time would exceed ``--max-mem-gb`` / ``--max-sk-s``.

@@ -257,10 +257,23 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, StructureError) else f"{type(exc).__name__}: {exc}"
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB: ``VmHWM`` of ``/proc/self/status`` on
+    Linux (the high-water mark of this program image only; ``ru_maxrss`` would include the
+    parent's memory when it was forked), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib * 1024 / 1e9
+
+
 def _where() -> dict:
     """The Ray node and process a unit ran in, and the process's peak memory so far (GB)."""
     import os
-    import resource
     import socket
 
     node = None
@@ -271,9 +284,8 @@ def _where() -> dict:
             node = ray.get_runtime_context().get_node_id()
     except ImportError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     return {"node": node, "host": socket.gethostname(), "pid": os.getpid(),
-            "peak_rss_gb": round(peak, 3)}
+            "peak_rss_gb": round(peak_rss_gb(), 3)}
 
 
 def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,

@@ -232,12 +232,13 @@ def _generate_mptrj(path: Path, n_frames: int, frames_per_material: int = 100) -
 def test_a_100000_frame_mptrj_json_reads_with_flat_memory(tmp_path):
     path = tmp_path / "mptrj-100k.json"
     _generate_mptrj(path, 100_000)
+    # VmHWM, not ru_maxrss: that would count this (parent) process's memory at the fork
     script = textwrap.dedent(f"""
-        import resource
         from latentray.datasets import iter_shards
         n = sum(len(s) for s in iter_shards("big", {str(path)!r}, "mptrj-json", "mp_id",
                                             shard_size=1000))
-        print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
+        print(n, hwm[0])
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout.split()
