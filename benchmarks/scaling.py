@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from importlib.metadata import version
 from pathlib import Path
 
