@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 CONFIG ?= jobs/configs/demo.yaml
 
-.PHONY: demo test venv family-envs clean-outputs
+.PHONY: demo test venv family-envs browser experiments clean-outputs
 
 # torch is installed first, pinned: 2.13.0 is the CPU build these machines hold. On a GPU
 # machine install your CUDA build of torch 2.13.0 into .venv first; the pin accepts it.
@@ -45,8 +45,20 @@ venv: $(VENV)/.models
 demo: $(VENV)/.models
 	$(BIN)/latentray run $(CONFIG)
 
-test: $(VENV)/.test family-envs
+# headless Chromium for the report test: Debian's package, installed where this can (root with
+# apt); elsewhere that one test is skipped with the reason
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no chromium: the report's browser test will be skipped"
+
+test: $(VENV)/.test family-envs browser
 	$(BIN)/python -m pytest
+
+# every experiment of jobs/configs/experiments/ alone, each into outputs/experiments/NAME
+# (the demo runs them all together)
+experiments: $(VENV)/.models
+	for config in jobs/configs/experiments/*.yaml; do $(BIN)/latentray run $$config || exit 1; done
 
 clean-outputs:
 	rm -rf outputs

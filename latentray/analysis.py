@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from .blocks import PairSource, read_cumulants
 from .config import Config
 from .cumulants import MAX_ORDER, cumulant_features
+from .maps import MAP_COLUMNS, model_map, sample
 from .reconstruction import (
     pointwise_global_reconstruction_distortion,
     pointwise_global_reconstruction_error,
@@ -309,6 +310,9 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
     code = _code_digest()
     info: dict = {"paths": {}, "left_out": {}}
     models = [m.id for m in config.models]
+    map_task = ray.remote(num_cpus=1)(model_map)
+    maps: list = []  # futures of the 2-D maps' rows
+    sampled: dict = {}  # dataset -> the structures mapped (None: all)
 
     def submit(base: dict, metrics: tuple[str, ...], digest: dict, stratified: bool,
                launch) -> None:
@@ -351,13 +355,23 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
 
             if "structure" in a.levels:
                 _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
+                if a.maps:
+                    if d.name not in sampled:
+                        everything = store.read_table(store.path("structures", f"dataset={d.name}"),
+                                                      n_shards)["structure_index"].to_numpy()
+                        sampled[d.name] = sample(everything, a.maps_max_structures, a.seed)
+                    maps += [map_task.remote(store.uri, d.name, layer_name, m, layer, a.order,
+                                             n_shards, sampled[d.name], a.maps)
+                             for m, layer in chosen.items()]
 
             between, within = comparisons(a)
             tasks = [(s, t, c, a.metrics) for s in present for t in present if s != t
-                     for c in between]
+                     for c in between if a.metrics]
             tasks += [(m, m, c, a.order_metrics) for m in present for c in within]
             if path == "in-memory":
-                launchers = _in_memory_launchers(store, d, chosen, n_shards, a, fit, log)
+                launchers = _in_memory_launchers(
+                    store, d, {m: (m, layer) for m, layer in chosen.items()}, n_shards, a,
+                    fit, log)
             for src, tgt, comparison, metrics in tasks:
                 n_left = len(np.union1d(failed[src], failed[tgt]))
                 for seed in seeds:
@@ -372,9 +386,16 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                         launch = launchers(src, tgt, comparison, seed)
                         row.update(launch.sizes)
                     else:
-                        launch = _streaming_launcher(store, d.name, chosen, widths, src, tgt,
-                                                     comparison, seed, n_shards, a, stratified)
+                        launch = _streaming_launcher(store, d.name, (src, chosen[src]),
+                                                     (tgt, chosen[tgt]), comparison, seed,
+                                                     n_shards, a, stratified)
                     submit(row, metrics, digest, stratified, launch)
+        if a.layer_metrics:
+            for m in models:
+                _layer_analysis(store, d, m, extraction, n_shards, a, seeds, n_all,
+                                len(failed[m]), stratified, fit,
+                                lambda row, launch: submit(row, a.layer_metrics, digest,
+                                                           stratified, launch), info, log)
 
     t0 = time.perf_counter()
     pending = [future for *_, future in jobs if future is not None]
@@ -400,6 +421,13 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
         "key": keys, "values": [json.dumps(cache[k], sort_keys=True) for k in keys]}))
     results = _write_results(store, "reconstruction", rows, RESULT_COLUMNS)
     _write_results(store, "by_group", group_rows, GROUP_COLUMNS)
+    map_rows = pd.concat(ray.get(maps), ignore_index=True) if maps else \
+        pd.DataFrame(columns=MAP_COLUMNS)
+    store.write_bytes(store.path("results", "maps.csv"),
+                      map_rows.to_csv(index=False, float_format="%.10g").encode())
+    store.write_table(store.path("results", "maps.parquet"),
+                      pa.Table.from_pandas(map_rows, preserve_index=False))
+    info["maps"] = len(map_rows)
     log("analyse", f"{len(results)} numbers in results/reconstruction.csv, "
                    f"{len(group_rows)} in results/by_group.csv")
     return results, info
@@ -416,6 +444,44 @@ def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]
     return table
 
 
+LAYER_ANALYSIS = "ll-vs-bb"  # the ``layers`` value of the within-model layer rows
+
+
+def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int, a,
+                    seeds: tuple, n_all: int, n_failed: int, stratified: bool, fit, submit,
+                    info: dict, log) -> None:
+    """Within one model, at atom level: ``ll -> bbK`` and ``bbK -> ll`` for every extracted
+    backbone layer K (how much of each layer the last layer keeps, and the reverse)."""
+    available = extraction["layers"][model]
+    backbone = [layer for layer in available if layer.startswith("bb")]
+    if "ll" not in available or not backbone:
+        log("analyse", f"layer analysis: {model} has no extracted ll or bb layer; skipped")
+        return
+    sides = {layer: (model, layer) for layer in backbone + ["ll"]}
+    widths = extraction["descriptions"][model]["info"]["layer_widths"]
+    size_mb = extraction["datasets"][d.name]["atoms"] * sum(widths[k] for k in sides) * 4 / 2**20
+    path = "in-memory" if size_mb <= a.in_memory_limit_mb else "streaming"
+    info["paths"][f"{d.name}/{model}/{LAYER_ANALYSIS}"] = path
+    atoms = Comparison("atom", "atoms")
+    if path == "in-memory":
+        launchers = _in_memory_launchers(store, d, sides, n_shards, a, fit, log, structure=False)
+    for layer in backbone:
+        for src, tgt in ((layer, "ll"), ("ll", layer)):
+            for seed in seeds:
+                row = {"dataset": d.name, "source": model, "target": model,
+                       "layers": LAYER_ANALYSIS, "source_layer": src, "target_layer": tgt,
+                       "seed": seed, "n_structures": n_all - n_failed, "n_left_out": n_failed,
+                       "path": path, "level": "atom", "features": "atoms",
+                       "source_order": None, "target_order": None}
+                if path == "in-memory":
+                    launch = launchers(src, tgt, atoms, seed)
+                    row.update(launch.sizes)
+                else:
+                    launch = _streaming_launcher(store, d.name, sides[src], sides[tgt], atoms,
+                                                 seed, n_shards, a, stratified)
+                submit(row, launch)
+
+
 class _Launch:
     """A deferred fit (called with its metrics only when the cache misses) and the split
     sizes it will use."""
@@ -427,24 +493,27 @@ class _Launch:
         return self.call(metrics)
 
 
-def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int, a, fit, log):
-    """Read every model's latents (and cumulants) once; return ``launch(src, tgt,
-    comparison, seed)`` for the fits of one (dataset, layer)."""
+def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_shards: int,
+                         a, fit, log, structure: bool = True):
+    """Read the latents (and, with ``structure``, the cumulants) of every side once, a side
+    being a label -> (model, layer); return ``launch(src, tgt, comparison, seed)`` for the
+    fits between sides, ``src`` and ``tgt`` labels."""
     import ray
 
     t = time.perf_counter()
-    latents = {m: Latents.read(store, d.name, m, layer, n_shards) for m, layer in chosen.items()}
-    log("analyse", f"{d.name}: read latents of {len(latents)} models in "
+    latents = {label: Latents.read(store, d.name, m, layer, n_shards)
+               for label, (m, layer) in sides.items()}
+    log("analyse", f"{d.name}: read latents of {len(latents)} model layers in "
                    f"{time.perf_counter() - t:.1f} s")
     structures = store.read_table(store.path("structures", f"dataset={d.name}")).to_pandas()
     subset_of = structures.set_index("structure_index")["subset"]
     done = {m: np.unique(x.structure_index) for m, x in latents.items()}
-    feats = {}  # model -> (structure_index, n_atoms, [k1 .. k8])
-    if "structure" in a.levels:
-        for m, layer in chosen.items():
+    feats = {}  # label -> (structure_index, n_atoms, [k1 .. k8])
+    if structure and "structure" in a.levels:
+        for label, (m, layer) in sides.items():
             table = read_cumulants(store, d.name, m, layer, MAX_ORDER, range(n_shards))
-            feats[m] = (table["structure_index"].to_numpy(), table["n_atoms"].to_numpy(),
-                        features_matrix(table["features"]))
+            feats[label] = (table["structure_index"].to_numpy(), table["n_atoms"].to_numpy(),
+                            features_matrix(table["features"]))
     # each model's matrix goes to the object store once
     x_refs = {m: ray.put(x.X) for m, x in latents.items()}
     f_refs = {m: ray.put(np.ascontiguousarray(f[2])) for m, f in feats.items()}
@@ -479,14 +548,14 @@ def _in_memory_launchers(store: Store, d, chosen: dict[str, str], n_shards: int,
     return launch
 
 
-def _streaming_launcher(store: Store, dataset: str, chosen: dict[str, str], widths: dict,
-                        src: str, tgt: str, comparison: Comparison, seed: int, n_shards: int,
-                        a, stratified: bool):
-    """A deferred streaming fit: a Ray task that itself runs the block tasks."""
+def _streaming_launcher(store: Store, dataset: str, src: tuple[str, str], tgt: tuple[str, str],
+                        comparison: Comparison, seed: int, n_shards: int, a, stratified: bool):
+    """A deferred streaming fit of side ``src`` -> ``tgt`` (each (model, layer)): a Ray task
+    that itself runs the block tasks."""
     import ray
 
     atoms = comparison.level == "atom"
-    source = PairSource(store.uri, dataset, (src, chosen[src]), (tgt, chosen[tgt]),
+    source = PairSource(store.uri, dataset, src, tgt,
                         list(range(n_shards)), kind="latents" if atoms else "cumulants",
                         orders=(comparison.source_order or 1, comparison.target_order or 1),
                         sum_pooling=comparison.features == "sum", stratify=stratified)

@@ -19,6 +19,7 @@ from .datasets import Filters
 METRICS = ("gfre", "gfrd", "lfre", "cka")
 LEVELS = ("atom", "structure")
 BASELINES = ("mean", "sum")
+MAPS = ("pca", "pcovr")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ class ModelConfig:
     device: str = "auto"
     modality: str | None = None
     options: dict = field(default_factory=dict)  # family-specific loader options
+    parent: str | None = None  # the id of the model this one was fine-tuned from (the report)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class AnalysisConfig:
     baselines: tuple[str, ...] = BASELINES  # pooled structure features compared beside cumulants
     order_metrics: tuple[str, ...] = ("gfre", "lfre")  # within each model, order n -> n+1, 1 -> 8
     spread_seeds: tuple[int, ...] = ()  # more split seeds: each number is refitted, +- spread
+    # within each model, atom level: ll -> bbK and bbK -> ll for every extracted bb layer
+    layer_metrics: tuple[str, ...] = ()
+    # 2-D maps of the structure features (cumulants of ``order``): pca, pcovr (energy per atom)
+    maps: tuple[str, ...] = ("pca", "pcovr")
+    maps_max_structures: int = 20000  # a seeded sample of at most this many per map
     # above this size (every model's latents of one dataset and layer, as float32) the fits
     # stream from Parquet (mergeable statistics, hash split) instead of holding the rows
     in_memory_limit_mb: int = 2048
@@ -192,6 +199,10 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
                                             f"loader options")
     ids = [m.id for m in models]
     _check(len(set(ids)) == len(ids), f"{source}: model ids repeat: {ids}")
+    for i, m in enumerate(models):
+        _check(m.parent is None or (m.parent in ids and m.parent != m.id),
+               f"{source}: models[{i}] ({m.id}).parent: the id of another model of this "
+               f"config, got {m.parent!r}")
     _check(INPUT not in ids, f"{source}: model id {INPUT!r} is reserved (failures/ of the "
                              f"frames that could not be read)")
 
@@ -212,6 +223,11 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     _check(not bad, f"{source}: analyses.metrics: unknown {bad}; choose from {list(METRICS)}")
     bad = sorted(set(a.order_metrics) - set(METRICS))
     _check(not bad, f"{source}: analyses.order_metrics: unknown {bad}; choose from {list(METRICS)}")
+    bad = sorted(set(a.layer_metrics) - set(METRICS))
+    _check(not bad, f"{source}: analyses.layer_metrics: unknown {bad}; choose from {list(METRICS)}")
+    bad = sorted(set(a.maps) - set(MAPS))
+    _check(not bad, f"{source}: analyses.maps: unknown {bad}; choose from {list(MAPS)}")
+    _positive_int(a.maps_max_structures, f"{source}: analyses.maps_max_structures")
     bad = sorted(set(a.baselines) - set(BASELINES))
     _check(not bad, f"{source}: analyses.baselines: unknown {bad}; choose from {list(BASELINES)}")
     bad = sorted(set(a.levels) - set(LEVELS))

@@ -1,80 +1,25 @@
-"""Report stage: heatmaps (PNG, values in the cells) and a static ``report.html``."""
+"""Report stage: ``report.html``, a static page with no script that reads offline, and the
+figures it shows as PNG files beside it (``figures/``); the numbers are in ``results/``.
+
+Sections: provenance, a summary written from this run's numbers (:mod:`latentray.summary`),
+how to read the measures, the heatmaps between models, the asymmetry of each pair, variants
+of one architecture and fine-tuning, the last layer against the backbone, the cumulant
+orders, 2-D maps of the structure features, the per-element and per-subset errors, the
+structures left out, and every number.
+"""
 
 from __future__ import annotations
 
 import html
-import io
 
-import numpy as np
 import pandas as pd
 
+from .analysis import LAYER_ANALYSIS
 from .config import Config
+from .figures import (METRIC_NAMES, asymmetry_png, heatmap_png, layers_png, maps_png,
+                      order_png)
 from .store import INPUT, Store
-
-METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD", "cka": "linear CKA"}
-
-
-def heatmap_png(matrix: pd.DataFrame, title: str, spread: pd.DataFrame | None = None) -> bytes:
-    """A source x target heatmap with the value (and +- its spread over seeds) in every cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(matrix)
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.8 + 0.85 * n), max(4.5, 1.4 + 0.75 * n)), dpi=110)
-    values = matrix.to_numpy(dtype=float)
-    finite = values[np.isfinite(values)]
-    vmax = float(finite.max()) if finite.size else 1.0
-    im = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax)
-    ax.set_xticks(range(n), matrix.columns, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), matrix.index, fontsize=8)
-    ax.set_xlabel("target B (reconstructed)")
-    ax.set_ylabel("source A (features used)")
-    for i in range(n):
-        for j in range(n):
-            v = values[i, j]
-            if np.isfinite(v):
-                text = f"{v:.3f}"
-                if spread is not None and np.isfinite(spread.iat[i, j]):
-                    text += f"\n±{spread.iat[i, j]:.3f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.6 * vmax else "black")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def order_png(rows: pd.DataFrame, models: list[str], title: str) -> bytes:
-    """How much each cumulant order adds: the error of [k1..kn] -> [k1..kn+1] against n, one
-    line per model, and [k1] -> [k1..k8] in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
-    for model in [m for m in models if m in set(rows.source)]:
-        sub = rows[rows.source == model]
-        steps = sub[sub.target_order == sub.source_order + 1].sort_values("source_order")
-        full = sub[(sub.source_order == 1) & (sub.target_order == 8)].value
-        label = model + (f"  (k1 -> k1..k8: {full.iloc[0]:.3f})" if len(full) else "")
-        ax.plot(steps.source_order, steps.value, marker="o", label=label)
-    ax.set_xlabel("n: reconstructing [k1 .. k(n+1)] from [k1 .. kn]")
-    ax.set_ylabel("error")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
-
+from .summary import findings
 
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", na_rep="", float_format="%.4f")
@@ -121,14 +66,74 @@ def _remove_stale_figures(store: Store, current: set[str]) -> None:
             store.fs.delete_file(info.path)
 
 
+def _read_results(store: Store, name: str) -> pd.DataFrame | None:
+    path = store.path("results", f"{name}.parquet")
+    if not store.exists(path):
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, filesystem=store.fs).to_pandas()
+
+
+class _Figures:
+    """The figures of one section: written to ``figures/`` as they are drawn."""
+
+    def __init__(self, store: Store, written: list):
+        self.store, self.written, self.items = store, written, []
+
+    def add(self, name: str, png: bytes, caption: str) -> None:
+        self.store.write_bytes(self.store.path("figures", f"{name}.png"), png)
+        self.written.append(f"figures/{name}.png")
+        self.items.append((f"figures/{name}.png", caption.replace("\n", " · ")))
+
+    def html(self, empty: str) -> str:
+        if not self.items:
+            return f'<p class="note">{html.escape(empty)}</p>'
+        return "\n".join(f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(c)}">'
+                         f"</a><figcaption>{html.escape(c)}</figcaption></figure>"
+                         for src, c in self.items)
+
+
+def _fit_text(sub: pd.DataFrame) -> str:
+    return f"n_test = {int(sub.n_test.iloc[0])}, {sub.path.iloc[0]} fit"
+
+
+def _pairs_table(between: pd.DataFrame, pairs: list[tuple[str, str, str]], seed: int) -> str:
+    """One row per pair (A, B, relation) and compared layer: each measure in both directions,
+    atom level and structure level (cumulants)."""
+    rows = []
+    main = between[(between.seed == seed) & between.features.isin(["atoms", "cumulants"])]
+    for layers, part in main.groupby("layers", sort=False):
+        for a, b, relation in pairs:
+            row = {"A": a, "B": b, "relation": relation, "layer": layers}
+            for (metric, level), sub in part.groupby(["metric", "level"], sort=False):
+                value = {(s, t): v for s, t, v in zip(sub.source, sub.target, sub.value)}
+                name = f"{METRIC_NAMES.get(metric, metric)} {level}"
+                if metric == "cka":
+                    row[name] = value.get((a, b))
+                else:
+                    row[f"{name} A→B"] = value.get((a, b))
+                    row[f"{name} B→A"] = value.get((b, a))
+            rows.append(row)
+    return _table_html(pd.DataFrame(rows)) if rows else \
+        '<p class="note">No pair of this kind among the models of this run.</p>'
+
+
 def write_report(config: Config, store: Store, results: pd.DataFrame, extraction: dict,
                  analysis_info: dict, provenance: dict, log) -> str:
     """Write figures/*.png and report.html; return the report's path."""
     models = [m.id for m in config.models]
-    figures = []
-    keys = ["dataset", "metric", "level", "features", "layers", "source_order"]
+    families = {m.id: m.family for m in config.models}
+    parents = {m.id: m.parent for m in config.models if m.parent}
     seed = config.analyses.seed
+    written: list[str] = []
+    is_layer = results.layers == LAYER_ANALYSIS
     between = results[results.source != results.target]
+    orders = results[(results.source == results.target) & ~is_layer]
+    layer_rows = results[is_layer & (results.seed == seed)]
+
+    heatmaps = _Figures(store, written)
+    keys = ["dataset", "metric", "level", "features", "layers", "source_order"]
     for (dataset, metric, level, features, layers, order), sub in between.groupby(
             keys, dropna=False, sort=False):
         present = [m for m in models if m in set(sub.source) | set(sub.target)]
@@ -143,21 +148,53 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
         seeds_text = (f", ± sd over {sub.seed.nunique()} split seeds" if spread is not None
                       else "")
         title = (f"{METRIC_NAMES.get(metric, metric)}(A -> B), {level} level, layer {layers}"
-                 f"{features_text}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
-                 f"{sub.path.iloc[0]} fit{seeds_text}")
+                 f"{features_text}\n{dataset}, {_fit_text(sub)}{seeds_text}")
         name = f"{dataset}_{metric}_{level}_{layers}" + {
             "atoms": "", "cumulants": f"_order{order}", "mean": "_mean", "sum": "_sum"}[features]
-        store.write_bytes(store.path("figures", f"{name}.png"), heatmap_png(matrix, title, spread))
-        figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
-    within = results[(results.source == results.target) & (results.seed == seed)]
-    for (dataset, metric, layers), sub in within.groupby(["dataset", "metric", "layers"],
-                                                         sort=False):
+        heatmaps.add(name, heatmap_png(matrix, title, spread), title)
+
+    asymmetry = _Figures(store, written)
+    main = between[(between.seed == seed) & (between.metric != "cka")
+                   & between.features.isin(["atoms", "cumulants"])]
+    for (dataset, metric, layers), sub in main.groupby(["dataset", "metric", "layers"],
+                                                       sort=False):
+        panels = [(("atom level" if level == "atom" else
+                    f"structure level, cumulants of order {int(part.source_order.iloc[0])}")
+                   + f", {_fit_text(part)}", part)
+                  for level, part in sub.groupby("level", sort=True)]
+        title = (f"{METRIC_NAMES.get(metric, metric)} of each pair in both directions, layer "
+                 f"{layers}, {dataset}")
+        asymmetry.add(f"{dataset}_{metric}_asymmetry_{layers}",
+                      asymmetry_png(panels, families, title), title)
+
+    variants = [(a, b, f"same architecture ({families[a]})") for i, a in enumerate(models)
+                for b in models[i + 1:] if families[a] == families[b]
+                and parents.get(a) != b and parents.get(b) != a]
+    tuned = [(child, parent, "fine-tuned from B") for child, parent in parents.items()]
+
+    layer_figures = _Figures(store, written)
+    for (dataset, metric), sub in layer_rows.groupby(["dataset", "metric"], sort=False):
+        title = (f"{METRIC_NAMES.get(metric, metric)} within each model: backbone layer K and "
+                 f"the last layer ll, atom level\n{dataset}, {_fit_text(sub)}")
+        layer_figures.add(f"{dataset}_{metric}_layers", layers_png(sub, models, title), title)
+
+    order_figures = _Figures(store, written)
+    for (dataset, metric, layers), sub in orders[orders.seed == seed].groupby(
+            ["dataset", "metric", "layers"], sort=False):
         title = (f"{METRIC_NAMES.get(metric, metric)}([k1..kn] -> [k1..kn+1]) within each model, "
-                 f"layer {layers}\n{dataset}, n_test = {int(sub.n_test.iloc[0])}, "
-                 f"{sub.path.iloc[0]} fit")
-        name = f"{dataset}_{metric}_orders_{layers}"
-        store.write_bytes(store.path("figures", f"{name}.png"), order_png(sub, models, title))
-        figures.append((f"figures/{name}.png", title.replace("\n", " · ")))
+                 f"layer {layers}\n{dataset}, {_fit_text(sub)}")
+        order_figures.add(f"{dataset}_{metric}_orders_{layers}", order_png(sub, models, title),
+                          title)
+
+    map_figures = _Figures(store, written)
+    maps = _read_results(store, "maps")
+    if maps is not None and len(maps):
+        for (dataset, layers, model), sub in maps.groupby(["dataset", "layers", "model"],
+                                                           sort=False):
+            title = (f"{model}, layer {sub.layer.iloc[0]}: structure features (cumulants of "
+                     f"order {config.analyses.order}), {len(sub[sub.method == sub.method.iloc[0]])} "
+                     f"structures of {dataset}")
+            map_figures.add(f"{dataset}_maps_{layers}_{model}", maps_png(sub, title), title)
 
     failures = []
     for d in config.datasets:
@@ -173,17 +210,19 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
     prov_models = pd.DataFrame([{
         "model": p["id"], "family": p["family"], "checkpoint": p["checkpoint"]
         + (f" ({p['modality']})" if p["modality"] else ""),
+        "fine-tuned from": parents.get(p["id"], ""),
         "package": p["family_package_version"], "layers": ", ".join(
             f"{k}[{v}]" for k, v in p["layers"].items()),
         "checkpoint sha256": p["checkpoint_sha256"][:16] + "…"} for p in provenance["models"]])
     datasets = pd.DataFrame([{"dataset": k, **v} for k, v in provenance["datasets"].items()])
     versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
-    figures_html = "\n".join(
-        f'<figure><img src="{src}" alt="{html.escape(caption)}"><figcaption>'
-        f"{html.escape(caption)}</figcaption></figure>" for src, caption in figures)
-    shown = results.copy()
-    groups_html = _groups_html(store, config.analyses.seed)
+    summary = findings(results, _read_results(store, "by_group"), families, parents, seed)
+    store.write_bytes(store.path("results", "summary.md"),
+                      ("".join(f"- {line}\n" for line in summary)).encode())
+    summary_html = ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary)
+                    + "</ul>") if summary else '<p class="note">No numbers to summarise.</p>'
     paths = ", ".join(f"{k}: {v}" for k, v in analysis_info.get("paths", {}).items())
+    a = config.analyses
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>latentray report</title>
 <style>
@@ -194,6 +233,7 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }}
 figcaption {{ font-size: 12px; color: #555; max-width: 520px; }}
 img {{ max-width: 560px; }}
 .note {{ color: #555; font-size: 14px; }}
+li {{ margin-bottom: 0.4em; }}
 </style></head><body>
 <h1>latentray report</h1>
 <p class="note">Config <code>{html.escape(provenance['config_source'])}</code>,
@@ -201,6 +241,10 @@ finished {provenance['finished']}{f", first {provenance['limit']} structures of 
 {html.escape(versions)}</p>
 <h2>Models</h2>{_table_html(prov_models)}
 <h2>Data</h2>{_table_html(datasets)}
+<h2>Summary</h2>
+<p class="note">Written from this run's numbers ({METRIC_NAMES['gfre']}, split seed {seed});
+also in <code>results/summary.md</code>.</p>
+{summary_html}
 <h2>How to read this</h2>
 <p class="note">GFRE(A -> B) is the test-set root-mean-square error of the best linear map
 from the features of model A to those of model B, both centred and scaled to unit total
@@ -208,32 +252,52 @@ variance on the training rows: 0 means B is a linear function of A, values near 
 explains almost nothing of B. LFRE is the same with a separate linear map fitted around
 each test point on its nearest training neighbours (local, non-linear reconstruction).
 Rows read source A, columns target B; asymmetry (A -> B small, B -> A large) means A holds
-more information than B. Atom level: {config.analyses.n_test} test atoms stratified by
-subset, seed {config.analyses.seed}; structure level: cumulant features of order
-{config.analyses.order}. GFRD is the error left after the best orthogonal map (how much
-the linear reconstruction distorts). Linear CKA (symmetric, 1 = the same up to rotation
-and scale) compares the centred training rows. Fits: {html.escape(paths)} (in-memory:
-the paper's split, skmatter's numbers; streaming: mergeable statistics over the Parquet
-shards with a hash split, see the README).</p>
-<h2>Figures</h2>
-{figures_html}
+more information than B. Atom level: {a.n_test} test atoms stratified by subset, seed
+{seed}; structure level: cumulant features of order {a.order}. GFRD is the error left after
+the best orthogonal map (how much the linear reconstruction distorts). Linear CKA
+(symmetric, 1 = the same up to rotation and scale) compares the centred training rows.
+Fits: {html.escape(paths)} (in-memory: the paper's split, skmatter's numbers; streaming:
+mergeable statistics over the Parquet shards with a hash split, see the README).</p>
+<h2>Between models</h2>
+{heatmaps.html("No comparison between models in this run.")}
+<h2>Asymmetry</h2>
+<p class="note">Each pair of models once, at (error A -> B, error B -> A). On the diagonal
+the two directions agree; far from it, one model's features hold (linearly) more of the
+other's than the reverse.</p>
+{asymmetry.html("No pair measured in both directions.")}
+<h2>Variants of one architecture, and fine-tuning</h2>
+<p class="note">Pairs of models of the same family, trained differently or sized
+differently; and each fine-tuned model with the model it was fine-tuned from (the
+<code>parent</code> key of the config).</p>
+{_pairs_table(between, tuned + variants, seed)}
+<h2>Last layer against the backbone</h2>
+<p class="note">Within each model, atom level: how well each backbone layer bbK
+reconstructs the last layer ll (solid), and the reverse (dashed).</p>
+{layer_figures.html("Not measured in this run (analyses.layer_metrics).")}
+<h2>Cumulant orders</h2>
+{order_figures.html("Not measured in this run (analyses.order_metrics).")}
+<h2>Maps of the structure features</h2>
+<p class="note">Each model's structure features projected to two dimensions: PCA, and PCovR
+(principal covariates regression, scikit-matter) against the energy per atom where the
+dataset has one; coloured by subset and by energy per atom. The coordinates are in
+<code>results/maps.csv</code>.</p>
+{map_figures.html("No maps in this run (analyses.maps, and the structure level).")}
 <h2>Which chemistry is hard to reconstruct</h2>
 <p class="note">The root-mean-square pointwise error of the test rows of each subset and of
 each element (the ten elements with the largest mean error over all pairs; n: test rows),
-per ordered pair A -> B, seed {config.analyses.seed}. All groups are in
-<code>results/by_group.csv</code>.</p>
-{groups_html}
+per ordered pair A -> B, seed {seed}. All groups are in <code>results/by_group.csv</code>.</p>
+{_groups_html(store, seed)}
 <h2>Structures left out</h2>
 <p class="note">Each comparison uses the structures that both models processed; the rest are
 listed here per model with the reason (from <code>failures/</code>).</p>
 {_table_html(failures) if len(failures) else '<p class="note">None: every model processed every structure.</p>'}
 <h2>All numbers</h2>
 <p class="note">Also in <code>results/reconstruction.csv</code> and <code>.parquet</code>.</p>
-{_table_html(shown)}
+{_table_html(results)}
 </body></html>
 """
     path = store.path("report.html")
     store.write_bytes(path, page.encode())
-    _remove_stale_figures(store, {src for src, _ in figures})
-    log("report", f"{len(figures)} figure(s), report at {store.display(path)}")
+    _remove_stale_figures(store, set(written))
+    log("report", f"{len(written)} figure(s), report at {store.display(path)}")
     return store.display(path)

@@ -49,7 +49,8 @@ def job(tmp_path_factory):
             {"id": "sevennet-0", "family": "sevenn", "checkpoint": "7net-0", "layers": ["bb", "ll"]},
         ],
         "extraction": {"shard_size": 50, "batch_atoms": 400},
-        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2, "order_metrics": ["gfre"]},
+        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2, "order_metrics": ["gfre"],
+                     "layer_metrics": ["gfre"]},
     }, source="test")
     first = run(config, quiet=True)
     csv_first = (root / "out" / "results" / "reconstruction.csv").read_bytes()
@@ -136,7 +137,7 @@ def test_atom_level_numbers_equal_skmatter_on_the_same_rows(job):
         ("lfre", "sevennet-0"): local_reconstruction_error(Y, X, 64, test_idx=test,
                                                            train_idx=train),
     }
-    atom = results[results.level == "atom"]
+    atom = results[(results.level == "atom") & (results.layers == "bb")]
     assert len(atom) == 4
     for row in atom.itertuples():
         assert row.n_test == 300 and row.n_train == len(X) - 300 and row.n_left_out == 4
@@ -222,11 +223,13 @@ def test_rerun_does_no_extraction_and_gives_identical_results(job):
     assert first["ran"] == 2 * 3 and first["skipped"] == 0  # 120 structures, shards of 50
     assert second["ran"] == 0 and second["skipped"] == 6
     # 2 ordered pairs x (atoms, cumulants, mean, sum) + 2 models x 8 order steps
-    assert job["first"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8
+    # + the layer analysis (bb3, bb4 <-> ll in CHGNet, bb5 <-> ll in SevenNet)
+    assert job["first"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8 + 6
     assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
-    assert job["third"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8
+    assert job["third"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8 + 6
     csv = job["csv_third"]
-    assert csv.count(b"\n") == 1 + 2 * 4 * 2 + 2 * 8  # header, gfre+lfre between, gfre within
+    # header, gfre+lfre between, gfre within (orders), gfre within (layers)
+    assert csv.count(b"\n") == 1 + 2 * 4 * 2 + 2 * 8 + 6
     assert csv == job["csv_first"]  # the third run fitted again from the latents: same bytes
 
 
@@ -234,7 +237,13 @@ def test_report_shows_every_figure_with_provenance(job):
     out = job["out"]
     page = (out / "report.html").read_text()
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(figures) == 12  # the last (streaming) run: 4 metrics x (atoms, cumulants, sum)
+    # the last (streaming) run: heatmaps of 4 metrics x (atoms, cumulants, sum); the
+    # asymmetry of gfre, gfrd, lfre; the layer analysis; a map per model
+    expected = [f"slice_{m}_{kind}" for m in ("cka", "gfrd", "gfre", "lfre")
+                for kind in ("atom_bb", "structure_bb_order2", "structure_bb_sum")]
+    expected += [f"slice_{m}_asymmetry_bb" for m in ("gfrd", "gfre", "lfre")]
+    expected += ["slice_gfre_layers", "slice_maps_bb_chgnet-0.3.0", "slice_maps_bb_sevennet-0"]
+    assert figures == sorted(f"{name}.png" for name in expected)
     for name in figures:
         assert f'src="figures/{name}"' in page
     assert "sevennet-0" in page and "7net-0" in page
@@ -246,6 +255,42 @@ def test_report_shows_every_figure_with_provenance(job):
     assert job["order_figures"] == ["slice_gfre_orders_bb.png"]
     assert 'src="figures/slice_gfre_orders_bb.png"' in job["report_third"]
     assert "mean pooling" in job["report_third"] and "sum pooling" in job["report_third"]
+
+
+def test_report_opens_in_a_browser_with_every_figure(job):
+    """Headless Chromium (Debian's package; `make test` installs it where it can) opens the
+    report from disk: every figure loads, no script error, nothing fetched from elsewhere. A
+    screenshot is kept in test-artifacts/."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = job["out"]
+    figures = sorted(f"figures/{p.name}" for p in (out / "figures").glob("*.png"))
+    errors, requests = [], []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((out / "report.html").as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])")
+            artifacts = Path(__file__).resolve().parents[1] / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors
+    assert sorted(src for src, _, _ in images) == figures
+    assert all(complete and width > 100 for _, complete, width in images)
+    assert all(url.startswith("file://") for url in requests)  # offline: nothing else fetched
 
 
 def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
@@ -291,12 +336,17 @@ def _hash_split_reference(out, frames, level, source, target, seed, n_test, metr
 
 
 def test_streaming_path_matches_the_engine_on_rows_read_back(job):
-    assert job["streaming"]["analysis"]["paths"] == {"slice/bb": "streaming"}
-    # pairs x (atoms, cumulants, sum pooling) x seeds
-    assert job["streaming"]["analysis"]["fits_run"] == 2 * 3 * 2
+    assert job["streaming"]["analysis"]["paths"] == {
+        "slice/bb": "streaming", "slice/chgnet-0.3.0/ll-vs-bb": "streaming",
+        "slice/sevennet-0/ll-vs-bb": "streaming"}
+    # pairs x (atoms, cumulants, sum pooling) x seeds; layers: (bb3, bb4 <-> ll; bb5 <-> ll) x seeds
+    assert job["streaming"]["analysis"]["fits_run"] == 2 * 3 * 2 + 6 * 2
     out = job["out"]
     results = pd.read_csv(out / "results" / "reconstruction.csv")
     assert set(results.path) == {"streaming"} and set(results.seed) == {0, 1}
+    layers = results[results.layers == "ll-vs-bb"]
+    assert len(layers) == 6 * 2 and set(layers.metric) == {"gfre"}
+    results = results[results.layers == "bb"]
     assert len(results) == 4 * 2 * 3 * 2  # metrics x pairs x comparisons x seeds
     for level, features, seed, (source, target) in [
             ("atom", "atoms", 0, ("chgnet-0.3.0", "sevennet-0")),
@@ -315,6 +365,67 @@ def test_streaming_path_matches_the_engine_on_rows_read_back(job):
         assert ref.n_train + ref.n_test == split.n_rows
 
 
+def test_the_last_layer_against_each_backbone_layer(job):
+    """The layer analysis (within each model, ll <-> bbK, atom level): in memory equal to
+    skmatter on rows read back with the paper's split; streamed equal to the engine on them."""
+    from skmatter.metrics import global_reconstruction_error
+
+    from latentray.streaming import ArraySource, HashSplit, reconstruction_at_scale
+
+    everything = list(range(LAST - FIRST))
+    bb3, t3 = _skmatter_rows(job["out"], "chgnet-0.3.0", "bb3", everything)
+    ll, tl = _skmatter_rows(job["out"], "chgnet-0.3.0", "ll", everything)
+    assert (t3.atom_index.to_numpy() == tl.atom_index.to_numpy()).all()
+    labels = t3.structure_index.map(lambda i: job["frames"][i].info["subset"]).to_numpy()
+    train, test = train_test_split(np.arange(len(bb3)), test_size=300, random_state=0,
+                                   stratify=labels)
+    memory = job["in_memory"]
+    memory = memory[(memory.layers == "ll-vs-bb") & (memory.source == "chgnet-0.3.0")]
+    assert sorted(zip(memory.source_layer, memory.target_layer)) == [
+        ("bb3", "ll"), ("bb4", "ll"), ("ll", "bb3"), ("ll", "bb4")]
+    value = dict(zip(zip(memory.source_layer, memory.target_layer), memory.value))
+    assert value["bb3", "ll"] == pytest.approx(
+        global_reconstruction_error(bb3, ll, test_idx=test, train_idx=train), rel=1e-8)
+    assert value["ll", "bb3"] == pytest.approx(
+        global_reconstruction_error(ll, bb3, test_idx=test, train_idx=train), rel=1e-8)
+    assert (memory.n_left_out == 0).all()  # CHGNet processed every structure
+    streamed = pd.read_csv(job["out"] / "results" / "reconstruction.csv")
+    row = streamed[(streamed.layers == "ll-vs-bb") & (streamed.source_layer == "ll")
+                   & (streamed.target_layer == "bb3") & (streamed.seed == 1)]
+    split = HashSplit(300, seed=1, stratified=True)
+    ref = reconstruction_at_scale(ArraySource(
+        ll, bb3, block_rows=997, structure_id=tl.structure_id.to_numpy(),
+        atom_index=tl.atom_index.to_numpy(), stratum=labels,
+        groups={"Z": tl.Z.to_numpy(), "subset": labels}), split, ("gfre",))
+    assert row.value.iloc[0] == pytest.approx(ref.values["gfre"], rel=1e-9)
+
+
+def test_maps_of_the_structure_features(job):
+    """PCA and PCovR coordinates of the in-memory run's report: the same as sklearn's PCA and
+    skmatter's PCovR on cumulants read back with pyarrow, with the energy per atom of the
+    extxyz file as ASE reads it (its calculator's energy)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+    from skmatter.decomposition import PCovR
+
+    maps = pd.read_parquet(job["out"] / "results" / "maps.parquet")
+    assert set(maps.method) == {"pca", "pcovr"} and set(maps.model) == {"chgnet-0.3.0",
+                                                                       "sevennet-0"}
+    chgnet = maps[(maps.model == "chgnet-0.3.0")].sort_values("structure_index")
+    t, F = _cumulants(job["out"], "chgnet-0.3.0")
+    X = StandardScaler().fit_transform(F[:, :2 * 64])
+    energy = np.array([a.get_potential_energy() / len(a) for a in job["frames"]])
+    pca = chgnet[chgnet.method == "pca"]
+    np.testing.assert_allclose(pca.energy_per_atom, energy[pca.structure_index], rtol=1e-12)
+    np.testing.assert_allclose(pca[["x", "y"]], PCA(n_components=2).fit_transform(X),
+                               rtol=1e-6, atol=1e-8)
+    y = (energy - energy.mean()) / energy.std()
+    expected = PCovR(mixing=0.5, n_components=2).fit(X, y.reshape(-1, 1)).transform(X)
+    np.testing.assert_allclose(chgnet[chgnet.method == "pcovr"][["x", "y"]], expected,
+                               rtol=1e-6, atol=1e-8)
+    assert len(maps[maps.model == "sevennet-0"]) == 2 * (LAST - FIRST - 4)  # its left-out
+
+
 def test_per_element_and_per_subset_errors_add_up(job):
     out = job["out"]
     results = pd.read_csv(out / "results" / "reconstruction.csv")
@@ -322,9 +433,9 @@ def test_per_element_and_per_subset_errors_add_up(job):
     ref, _ = _hash_split_reference(out, job["frames"], "atom", "chgnet-0.3.0", "sevennet-0", 0,
                                    300, ("gfre",))
     mine = groups[(groups.level == "atom") & (groups.seed == 0) & (groups.metric == "gfre")
-                  & (groups.source == "chgnet-0.3.0")]
+                  & (groups.source == "chgnet-0.3.0") & (groups.layers == "bb")]
     total = results[(results.level == "atom") & (results.seed == 0) & (results.metric == "gfre")
-                    & (results.source == "chgnet-0.3.0")].value.iloc[0]
+                    & (results.source == "chgnet-0.3.0") & (results.layers == "bb")].value.iloc[0]
     from ase.data import chemical_symbols
 
     for kind, labels in [("element", [chemical_symbols[z] for z in ref.groups["Z"]]),

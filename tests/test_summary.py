@@ -1,0 +1,68 @@
+"""The report's summary is written from the numbers it is given, and only from them."""
+
+import pandas as pd
+
+from latentray.summary import findings
+
+FAMILIES = {"a1": "fa", "a2": "fa", "a3": "fa", "b1": "fb"}
+
+
+def table(values: dict, **extra) -> pd.DataFrame:
+    rows = [{"metric": "gfre", "level": "atom", "features": "atoms", "layers": "bb",
+             "source": s, "target": t, "value": v, "seed": 0, "n_test": 1000,
+             "source_order": None, "target_order": None, "source_layer": "bb2",
+             "target_layer": "bb2", **extra} for (s, t), v in values.items()]
+    return pd.DataFrame(rows)
+
+
+VALUES = {("a1", "a2"): 0.10, ("a2", "a1"): 0.12,   # the closest pair
+          ("a1", "a3"): 0.30, ("a3", "a1"): 0.32,   # a3 fine-tuned from a1 ... farther than a2
+          ("a2", "a3"): 0.35, ("a3", "a2"): 0.36,
+          ("a1", "b1"): 0.50, ("b1", "a1"): 0.90,   # the farthest, and the most asymmetric
+          ("a2", "b1"): 0.55, ("b1", "a2"): 0.60,
+          ("a3", "b1"): 0.58, ("b1", "a3"): 0.62}
+
+
+def test_pairs_families_asymmetry_and_fine_tuning():
+    lines = findings(table(VALUES), None, FAMILIES, {"a3": "a1"}, seed=0)
+    assert lines[0] == ("Atom level, layer bb, 1000 test atoms: the closest pair is a1 and a2 "
+                        "(GFRE 0.100 and 0.120 in the two directions), the farthest a1 and b1 "
+                        "(0.500 and 0.900).")
+    assert lines[1] == ("GFRE within a family spans 0.100-0.360, across families 0.500-0.900: "
+                        "every pair within a family is closer than every pair across families.")
+    assert lines[2].startswith("The most asymmetric pair: GFRE(a1 -> b1) = 0.500 against 0.900")
+    assert lines[3] == ("Fine-tuning: a3 (fine-tuned from a1) and a1 are at GFRE 0.320 and "
+                        "0.300, not closer than the independently trained a2 (0.120 and 0.100).")
+
+
+def test_a_finding_needs_its_numbers():
+    values = {k: v for k, v in VALUES.items() if "b1" not in k}
+    lines = findings(table(values), None, FAMILIES, {}, seed=0)
+    assert not any("across families" in line or "Fine-tuning" in line for line in lines)
+    assert findings(table(values).iloc[0:0], None, FAMILIES, {}, seed=0) == []
+    # other seeds and other metrics are not what the summary reads
+    assert findings(table(values, seed=3), None, FAMILIES, {}, seed=0) == []
+
+
+def test_layers_orders_and_spread():
+    layers = pd.DataFrame([
+        {"metric": "gfre", "level": "atom", "features": "atoms", "layers": "ll-vs-bb",
+         "source": m, "target": m, "source_layer": s, "target_layer": t, "value": v, "seed": 0,
+         "n_test": 1000, "source_order": None, "target_order": None}
+        for m, s, t, v in [("a1", "bb1", "ll", 0.6), ("a1", "bb2", "ll", 0.05),
+                           ("a1", "ll", "bb2", 0.4), ("a1", "ll", "bb1", 0.7),
+                           ("b1", "bb3", "ll", 0.08), ("b1", "ll", "bb3", 0.5)]])
+    orders = pd.DataFrame([
+        {"metric": "gfre", "level": "structure", "features": "cumulants", "layers": "bb",
+         "source": "a1", "target": "a1", "source_order": n, "target_order": m, "value": v,
+         "seed": 0, "n_test": 250, "source_layer": "bb2", "target_layer": "bb2"}
+        for n, m, v in [(1, 2, 0.7), (2, 3, 0.5), (1, 8, 0.97)]])
+    lines = findings(pd.concat([layers, orders]), None, FAMILIES, {}, seed=0)
+    assert ("Last layer against backbone, within each model: GFRE(last bb -> ll) 0.050-0.080, "
+            "GFRE(ll -> last bb) 0.400-0.500, GFRE(bb1 -> ll) 0.600.") in lines
+    assert ("Cumulant orders, within each model: GFRE([k1] -> [k1, k2]) 0.700; every step "
+            "n -> n+1 0.500-0.700; [k1] -> [k1..k8] 0.970.") in lines
+    seeds = pd.concat([table(VALUES), table({k: v + 0.01 for k, v in VALUES.items()}, seed=1)])
+    assert findings(seeds, None, FAMILIES, {}, seed=0)[-1] == (
+        "Over 2 split seeds the typical standard deviation of a number is 0.007: smaller "
+        "differences are not findings.")
