@@ -74,11 +74,9 @@ def asymmetry_png(panels: list[tuple[str, pd.DataFrame]], families: dict[str, st
             if chosen:
                 ax.scatter([value[a, b] for a, b in chosen], [value[b, a] for a, b in chosen],
                            marker=marker, label=name, alpha=0.8)
-        for a, b in pairs:  # label the most asymmetric pairs
-            if abs(value[a, b] - value[b, a]) >= 0.5 * max(
-                    abs(value[x, y] - value[y, x]) for x, y in pairs):
-                ax.annotate(f"{a} | {b}", (value[a, b], value[b, a]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+        for a, b in sorted(pairs, key=lambda p: -abs(value[p] - value[p[::-1]]))[:3]:
+            ax.annotate(f"{a} | {b}", (value[a, b], value[b, a]), fontsize=6,  # the 3 most
+                        xytext=(3, 3), textcoords="offset points")              # asymmetric
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
         ax.set_aspect("equal")
@@ -114,7 +112,7 @@ def order_png(rows: pd.DataFrame, models: list[str], title: str) -> bytes:
 def layers_png(rows: pd.DataFrame, models: list[str], title: str) -> bytes:
     """Within each model: bbK -> ll (solid) and ll -> bbK (dashed) against K."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), dpi=110)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, model in enumerate([m for m in models if m in set(rows.source)]):
         sub = rows[rows.source == model]
@@ -131,7 +129,7 @@ def layers_png(rows: pd.DataFrame, models: list[str], title: str) -> bytes:
     ax.set_ylabel("error")
     ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _png(fig)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 import pytest
 
+from helpers import layer_matrices
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -95,11 +95,7 @@ analyses: {{n_test: 200, layers: [bb], metrics: [gfre], order_metrics: [], basel
 
 def test_mace_latents_equal_its_own_get_descriptors(mace_run):
     reference = np.load(mace_run / "reference.npz")
-    table = ds.dataset(mace_run / "out" / "latents", format="parquet",
-                       partitioning="hive").to_table(
-        filter=ds.field("model") == "mace-small").to_pandas()
-    table = table.sort_values(["layer", "structure_index", "atom_index"])
-    ours = {layer: np.stack(t.features.to_numpy()) for layer, t in table.groupby("layer")}
+    ours = layer_matrices(mace_run / "out", "mace-small")
     assert sorted(ours) == ["bb1", "bb2", "ll"]
     n_atoms = int(reference["n_atoms"].sum())
     np.testing.assert_allclose(np.hstack([ours["bb1"], ours["bb2"]]), reference["descriptors"],

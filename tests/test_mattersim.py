@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 import pytest
 
+from helpers import layer_matrices
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -90,11 +90,7 @@ analyses: {{n_test: 100, layers: [bb], metrics: [gfre], order_metrics: [], basel
 
 def test_mattersim_latents_equal_its_own_calculator(mattersim_run):
     reference = np.load(mattersim_run / "reference.npz")
-    table = ds.dataset(mattersim_run / "out" / "latents", format="parquet",
-                       partitioning="hive").to_table(
-        filter=ds.field("model") == "mattersim-small").to_pandas()
-    table = table.sort_values(["layer", "structure_index", "atom_index"])
-    ours = {layer: np.stack(t.features.to_numpy()) for layer, t in table.groupby("layer")}
+    ours = layer_matrices(mattersim_run / "out", "mattersim-small")
     assert sorted(ours) == ["bb1", "bb2", "ll"]
     for layer in ours:
         np.testing.assert_allclose(ours[layer], reference[layer], rtol=1e-5, atol=1e-6)

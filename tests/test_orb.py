@@ -5,12 +5,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow.dataset as ds
 import pytest
 from ase import Atoms
 from ase.io import read
 
+from helpers import layer_matrices
 from latentray.models.orb import pretrained_name
 
 MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
@@ -135,11 +134,8 @@ def test_latentray_run_with_orb_options(small_orb, tmp_path):
         assert main(["run", str(config), "--quiet"]) == 0
     finally:
         ray.shutdown()
-    table = ds.dataset(tmp_path / "out" / "latents", format="parquet",
-                       partitioning="hive").to_table().to_pandas()
-    table = table.sort_values(["layer", "structure_index", "atom_index"])
+    ours = layer_matrices(tmp_path / "out")
     theirs = orb_reference(small_orb, read(MAD, index=":8"))
-    for name, rows in table.groupby("layer"):
-        np.testing.assert_allclose(np.stack(rows.features.to_numpy()), theirs[name],
-                                   rtol=1e-5, atol=1e-5)
-    assert sorted(pd.unique(table.layer)) == ["bb1", "bb2", "bb3"]
+    assert sorted(ours) == ["bb1", "bb2", "bb3"]
+    for name, features in ours.items():
+        np.testing.assert_allclose(features, theirs[name], rtol=1e-5, atol=1e-5)
