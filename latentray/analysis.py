@@ -15,7 +15,10 @@ same measures:
 
 The table says which path (and so which split) each number came from, and how many
 structures were left out. Cumulant features are a stage of their own: one Parquet file per
-(model, layer, shard), recomputed only when that shard's latents change.
+(model, layer, shard), recomputed only when that shard's latents change. Within each model,
+the same measures compare cumulant orders (n -> n + 1) and, with ``analyses.layer_metrics``,
+the last layer with each backbone layer (rows with ``layers = "ll-vs-bb"``); the 2-D maps of
+the structure features (:mod:`latentray.maps`) are Ray tasks beside the fits.
 """
 
 from __future__ import annotations
