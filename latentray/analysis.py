@@ -42,7 +42,7 @@ from .reconstruction import (
     pointwise_global_reconstruction_error,
     pointwise_local_reconstruction_error,
 )
-from .splits import paper_split, structure_n_test
+from .splits import SplitError, paper_split, structure_n_test
 from .store import Store, features_matrix
 from .streaming import HashSplit, RayExecutor, linear_cka, reconstruction_at_scale
 
@@ -529,6 +529,10 @@ def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_s
             if not np.array_equal(A.Z[ra], B.Z[rb]):
                 raise RuntimeError(f"{src} and {tgt} rows do not align on {d.name}")
             labels = subset_of.loc[A.structure_index[ra]].to_numpy()
+            if a.n_test >= len(ra):
+                raise SplitError(f"dataset {d.name}: analyses.n_test={a.n_test} test atoms, but "
+                                 f"{src} and {tgt} share only {len(ra)} atoms: lower n_test "
+                                 f"or use more structures")
             train, test = paper_split(len(ra), a.n_test, seed=seed,
                                       labels=labels if d.subset_key else None)
             groups = {"Z": A.Z[ra][test], "subset": labels[test]}

@@ -93,13 +93,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from .pipeline import UnitsFailed, run
+    from .splits import SplitError
 
     try:
         config = load_config(args.config, output=args.output)
         if args.limit is not None and args.limit <= 0:
             raise ConfigError(f"--limit must be a positive integer, got {args.limit}")
         run(config, limit=args.limit, address=args.address, quiet=args.quiet)
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, SplitError) as exc:
         print(f"latentray: error: {exc}", file=sys.stderr)
         return 2
     except UnitsFailed as exc:

@@ -39,6 +39,10 @@ def _stratification_labels(labels, n_rows: int):
     return codes
 
 
+class SplitError(ValueError):
+    """A split that cannot be drawn (too few rows for the test set asked for)."""
+
+
 def paper_split(n_rows: int, n_test: int, seed: int = 0, labels=None):
     """``(train_idx, test_idx)``: ``n_test`` random test rows, every other row for training.
 
@@ -63,7 +67,7 @@ def paper_split(n_rows: int, n_test: int, seed: int = 0, labels=None):
     if n_test <= 0:
         raise ValueError(f"n_test must be positive, got {n_test}")
     if n_test >= n_rows:
-        raise ValueError(
+        raise SplitError(
             f"n_test={n_test} leaves no training rows out of n_rows={n_rows}: "
             "n_test must be smaller than the number of rows (see structure_n_test)"
         )

@@ -360,3 +360,16 @@ def test_inputs_and_outputs_on_an_object_store(tmp_path, object_store):
     assert status.returncode == 0, status.stdout + status.stderr
     assert ["mad", "toy-a", "3", "0", "0", "0", "0"] in [
         line.split() for line in status.stdout.splitlines()]
+
+
+def test_too_few_rows_for_the_test_set_is_a_clear_error(tmp_path):
+    """n_test larger than the rows two models share: a message naming the dataset, the pair
+    and the counts, exit status 2; the extracted latents are kept for the next run."""
+    config = toy_config(tmp_path, tmp_path / "out", {"toy-a": {}, "toy-b": {}}, limit=2,
+                        shard_size=10)
+    done = cli("run", str(config), "--quiet")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"latentray: error: dataset mad: analyses.n_test=100 test atoms, but toy-a and toy-b "
+        f"share only {expected_rows(2)} atoms: lower n_test or use more structures")
+    assert len(latents(tmp_path / "out")) == 2 * 2 * expected_rows(2)
