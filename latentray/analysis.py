@@ -56,6 +56,16 @@ _DERIVED = ("n_structures",)  # row fields that do not change a fit
 _ORDER_COLUMNS = ("source_order", "target_order")
 
 
+def pair_values(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """``{(source, target): value}`` of result rows (one metric, level, layer and seed)."""
+    return {(s, t): v for s, t, v in zip(rows.source, rows.target, rows.value)}
+
+
+def measured_both_ways(values: dict[tuple[str, str], float]) -> list[tuple[str, str]]:
+    """The unordered pairs ``(A, B)``, A < B, of ``values`` that hold A -> B and B -> A."""
+    return sorted({tuple(sorted(k)) for k in values if k[::-1] in values})
+
+
 @dataclass(frozen=True)
 class Comparison:
     """What is compared: atom features, or structure features of some kind and order.

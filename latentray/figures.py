@@ -9,6 +9,8 @@ import io
 import numpy as np
 import pandas as pd
 
+from .analysis import measured_both_ways, pair_values
+
 METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD", "cka": "linear CKA"}
 
 
@@ -65,8 +67,8 @@ def asymmetry_png(panels: list[tuple[str, pd.DataFrame]], families: dict[str, st
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.8), dpi=110,
                              squeeze=False)
     for ax, (label, rows) in zip(axes[0], panels):
-        value = {(s, t): v for s, t, v in zip(rows.source, rows.target, rows.value)}
-        pairs = sorted({tuple(sorted(k)) for k in value if k[::-1] in value})
+        value = pair_values(rows)
+        pairs = measured_both_ways(value)
         top = max([*value.values(), 1e-9]) * 1.08
         ax.plot([0, top], [0, top], color="0.6", lw=0.8, zorder=0)
         for same, marker, name in ((True, "o", "same family"), (False, "s", "across families")):

@@ -14,7 +14,7 @@ import html
 
 import pandas as pd
 
-from .analysis import LAYER_ANALYSIS
+from .analysis import LAYER_ANALYSIS, pair_values
 from .config import Config
 from .figures import (METRIC_NAMES, asymmetry_png, heatmap_png, layers_png, maps_png,
                       order_png)
@@ -25,14 +25,10 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", na_rep="", float_format="%.4f")
 
 
-def _groups_html(store: Store, seed: int, n_elements: int = 10) -> str:
-    """Per-subset and worst-element tables from ``results/by_group.parquet``."""
-    path = store.path("results", "by_group.parquet")
-    if not store.exists(path):
+def _groups_html(table: pd.DataFrame | None, seed: int, n_elements: int = 10) -> str:
+    """Per-subset and worst-element tables from ``results/by_group``."""
+    if table is None:
         return '<p class="note">No per-group numbers.</p>'
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, filesystem=store.fs).to_pandas()
     table = table[(table.seed == seed) & (table.source != table.target)
                   & table.features.isin(["atoms", "cumulants"])]
     parts = []
@@ -107,7 +103,7 @@ def _pairs_table(between: pd.DataFrame, pairs: list[tuple[str, str, str]], seed:
         for a, b, relation in pairs:
             row = {"A": a, "B": b, "relation": relation, "layer": layers}
             for (metric, level), sub in part.groupby(["metric", "level"], sort=False):
-                value = {(s, t): v for s, t, v in zip(sub.source, sub.target, sub.value)}
+                value = pair_values(sub)
                 name = f"{METRIC_NAMES.get(metric, metric)} {level}"
                 if metric == "cka":
                     row[name] = value.get((a, b))
@@ -216,7 +212,8 @@ def write_report(config: Config, store: Store, results: pd.DataFrame, extraction
         "checkpoint sha256": p["checkpoint_sha256"][:16] + "…"} for p in provenance["models"]])
     datasets = pd.DataFrame([{"dataset": k, **v} for k, v in provenance["datasets"].items()])
     versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
-    summary = findings(results, _read_results(store, "by_group"), families, parents, seed)
+    groups = _read_results(store, "by_group")
+    summary = findings(results, groups, families, parents, seed)
     store.write_bytes(store.path("results", "summary.md"),
                       ("".join(f"- {line}\n" for line in summary)).encode())
     summary_html = ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary)
@@ -286,7 +283,7 @@ dataset has one; coloured by subset and by energy per atom. The coordinates are 
 <p class="note">The root-mean-square pointwise error of the test rows of each subset and of
 each element (the ten elements with the largest mean error over all pairs; n: test rows),
 per ordered pair A -> B, seed {seed}. All groups are in <code>results/by_group.csv</code>.</p>
-{_groups_html(store, seed)}
+{_groups_html(groups, seed)}
 <h2>Structures left out</h2>
 <p class="note">Each comparison uses the structures that both models processed; the rest are
 listed here per model with the reason (from <code>failures/</code>).</p>

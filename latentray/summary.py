@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analysis import LAYER_ANALYSIS
+from .analysis import LAYER_ANALYSIS, measured_both_ways, pair_values
 
 
 def _f(x: float) -> str:
@@ -23,10 +23,6 @@ def _range(values) -> str:
         f"{_f(min(values))}-{_f(max(values))}"
 
 
-def _pair_values(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
-    return {(s, t): v for s, t, v in zip(rows.source, rows.target, rows.value)}
-
-
 def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[str, str],
              parents: dict[str, str], seed: int, metric: str = "gfre") -> list[str]:
     """The summary's sentences (see the module docstring)."""
@@ -37,8 +33,8 @@ def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[
     if len(between):
         layer = between.layers.iloc[0]
         between = between[between.layers == layer]
-        value = _pair_values(between)
-        pairs = sorted({tuple(sorted(k)) for k in value if k[::-1] in value})
+        value = pair_values(between)
+        pairs = measured_both_ways(value)
         if pairs:
             mean = {p: (value[p] + value[p[::-1]]) / 2 for p in pairs}
             close, far = min(mean, key=mean.get), max(mean, key=mean.get)
