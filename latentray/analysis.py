@@ -370,8 +370,9 @@ def run_analysis(config: Config, store: Store, extraction: dict, log) -> tuple[p
                 _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
                 if a.maps:
                     if d.name not in sampled:
-                        everything = store.read_table(store.path("structures", f"dataset={d.name}"),
-                                                      n_shards)["structure_index"].to_numpy()
+                        everything = store.read_table(
+                            store.path("structures", f"dataset={d.name}"), n_shards,
+                            columns=["structure_index"])["structure_index"].to_numpy()
                         sampled[d.name] = sample(everything, a.maps_max_structures, a.seed)
                     maps += [map_task.remote(store.uri, d.name, layer_name, m, layer, a.order,
                                              n_shards, sampled[d.name], a.maps)
@@ -518,7 +519,8 @@ def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_s
                for label, (m, layer) in sides.items()}
     log("analyse", f"{d.name}: read latents of {len(latents)} model layers in "
                    f"{time.perf_counter() - t:.1f} s")
-    structures = store.read_table(store.path("structures", f"dataset={d.name}")).to_pandas()
+    structures = store.read_table(store.path("structures", f"dataset={d.name}"),
+                                  columns=["structure_index", "subset"]).to_pandas()
     subset_of = structures.set_index("structure_index")["subset"]
     done = {m: np.unique(x.structure_index) for m, x in latents.items()}
     feats = {}  # label -> (structure_index, n_atoms, [k1 .. k8])

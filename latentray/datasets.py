@@ -72,17 +72,17 @@ def resolve_paths(path: str) -> list[Path | str]:
 def _resolve_uri(uri: str) -> list[str]:
     import pyarrow.fs as pafs
 
+    from .store import Store
+
     base, _, query = uri.partition("?")
     scheme = base.split("://", 1)[0]
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(root)
+        store = Store(uri)
+        info = store.fs.get_file_info(store.root)
         if info.type == pafs.FileType.Directory:
-            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root))
-                           if i.path.endswith(".parquet")
-                           and not i.base_name.startswith((".", "_")))
+            files = store.parquet_files(store.root)
         else:
-            files = [root] if info.type == pafs.FileType.File else []
+            files = [store.root] if info.type == pafs.FileType.File else []
     except (OSError, ValueError) as exc:
         raise DatasetError(f"cannot read dataset path {uri!r}: {exc}") from None
     if not files:

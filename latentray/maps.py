@@ -58,7 +58,8 @@ def model_map(uri: str, dataset: str, layers: str, model: str, layer: str, order
     index = table["structure_index"].to_numpy()
     keep = np.ones(len(index), bool) if chosen is None else np.isin(index, chosen)
     X = features_matrix(table["features"])[keep]
-    structures = store.read_table(store.path("structures", f"dataset={dataset}"), shards)
+    structures = store.read_table(store.path("structures", f"dataset={dataset}"), shards,
+                                  columns=["structure_index", "energy", "n_atoms"])
     info = pd.DataFrame({"structure_index": structures["structure_index"].to_numpy(),
                          "energy": structures["energy"].to_numpy(zero_copy_only=False),
                          "n_atoms": structures["n_atoms"].to_numpy()}).set_index(

@@ -22,7 +22,6 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
 
 from .config import Config, ConfigError, parse_config
 from .models.base import file_sha256
@@ -52,18 +51,10 @@ def recorded_config(store: Store) -> Config:
 
 def _shards(store: Store, dataset: str) -> dict[int, str]:
     """Shard number -> content hash of the prepared structures of ``dataset``."""
-    directory = store.path("structures", f"dataset={dataset}")
-    try:
-        infos = store.fs.get_file_info(pafs.FileSelector(directory))
-    except FileNotFoundError:
-        return {}
-    shards = {}
-    for info in infos:
-        name = posixpath.basename(info.path)
-        if name.startswith("part-") and name.endswith(".parquet"):
-            shards[int(name[5:10])] = store.parquet_metadata(info.path).get(
-                "latentray.shard_sha256", "")
-    return shards
+    return {int(posixpath.basename(path)[5:10]):
+            store.parquet_metadata(path).get("latentray.shard_sha256", "")
+            for path in store.parquet_files(store.path("structures", f"dataset={dataset}"))
+            if posixpath.basename(path).startswith("part-")}
 
 
 def unit_states(config: Config, store: Store) -> list[Unit]:

@@ -128,22 +128,30 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def read_table(self, directory: str, shards: int | None = None) -> pa.Table | None:
-        """All ``*.parquet`` parts of one directory (no partition columns added); with
-        ``shards``, only ``part-00000`` .. ``part-{shards - 1}`` (a run limited to fewer
-        structures than an earlier one leaves the earlier run's later parts in place)."""
+    def parquet_files(self, directory: str) -> list[str]:
+        """The ``*.parquet`` files of one directory, sorted; not the hidden temporary ones
+        (nor ``_``-prefixed ones); [] when there is no such directory."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=False))
         except FileNotFoundError:
-            return None
-        files = sorted(i.path for i in infos if i.path.endswith(".parquet")
-                       and not posixpath.basename(i.path).startswith((".", "_")))
+            return []
+        return sorted(i.path for i in infos if i.path.endswith(".parquet")
+                      and not i.base_name.startswith((".", "_")))
+
+    def read_table(self, directory: str, shards: int | None = None,
+                   columns: list[str] | None = None) -> pa.Table | None:
+        """All ``*.parquet`` parts of one directory (no partition columns added), or only
+        ``columns`` of them; with ``shards``, only ``part-00000`` .. ``part-{shards - 1}`` (a
+        run limited to fewer structures than an earlier one leaves the earlier run's later
+        parts in place)."""
+        files = self.parquet_files(directory)
         if shards is not None:
             wanted = {self.part(s) for s in range(shards)}
             files = [f for f in files if posixpath.basename(f) in wanted]
         if not files:
             return None
-        return pa.concat_tables([pq.read_table(f, filesystem=self.fs) for f in files])
+        return pa.concat_tables([pq.read_table(f, filesystem=self.fs, columns=columns)
+                                 for f in files])
 
     def parquet_metadata(self, path: str) -> dict[str, str]:
         """The key-value metadata of a Parquet file ({} when there is no file)."""
