@@ -155,6 +155,7 @@ def bare_forward(family: str, checkpoint: str, path: Path, batch_atoms: int,
     import torch
     from ase.io import read
 
+    from latentray.extract import by_atoms
     from latentray.models import load_adapter
 
     torch.set_num_threads(1)
@@ -162,15 +163,8 @@ def bare_forward(family: str, checkpoint: str, path: Path, batch_atoms: int,
     adapter = load_adapter(family, checkpoint, modality=modality(checkpoint))
     adapter.forward([adapter.prepare(frames[0])], ["all"])  # warm-up
     t = time.perf_counter()
-    batch, size, last = [], 0, []
-    for atoms in frames:
-        batch.append(adapter.prepare(atoms))
-        size += len(atoms)
-        if size >= batch_atoms:
-            last.append(adapter.forward(batch, ["all"]))
-            batch, size = [], 0
-    if batch:
-        last.append(adapter.forward(batch, ["all"]))
+    last = [adapter.forward([adapter.prepare(atoms) for atoms in batch], ["all"])
+            for batch in by_atoms(frames, len, batch_atoms)]
     seconds = time.perf_counter() - t
     layers = list(adapter.info.layer_widths)
     if save:

@@ -30,6 +30,7 @@ def main() -> None:
     from ase.io import read
 
     from latentray.datasets import resolve_paths
+    from latentray.extract import by_atoms
     from latentray.models import load_adapter
 
     warnings.simplefilter("ignore")
@@ -49,15 +50,8 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for budget in args.budgets:
-                batches, batch, size = [], [], 0
-                for atoms, p in zip(frames, prepared):
-                    batch.append(p)
-                    size += len(atoms)
-                    if size >= budget:
-                        batches.append(batch)
-                        batch, size = [], 0
-                if batch:
-                    batches.append(batch)
+                batches = [[p for _, p in batch] for batch in by_atoms(
+                    zip(frames, prepared), lambda item: len(item[0]), budget)]
                 adapter.forward(batches[0], ["all"])  # warm-up
                 t = time.perf_counter()
                 for b in batches:

@@ -24,7 +24,7 @@ import posixpath
 import time
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -129,15 +129,7 @@ class ExtractionWorker:
             return
         import ray
 
-        chunks, chunk, size = [], [], 0
-        for i in range(len(shard)):
-            chunk.append(i)
-            size += int(shard.n_atoms[i])
-            if size >= batch_atoms:
-                chunks.append(chunk)
-                chunk, size = [], 0
-        if chunk:
-            chunks.append(chunk)
+        chunks = list(by_atoms(range(len(shard)), shard.n_atoms.__getitem__, batch_atoms))
         ahead = 2 * len(builders)
         futures = [builders[k % len(builders)].prepare_structures.remote(model, shard_ref, c)
                    for k, c in enumerate(chunks[:ahead])]
@@ -193,16 +185,9 @@ class ExtractionWorker:
             if any(c != start for c in counts.values()):
                 raise RuntimeError(f"{model.id}: forward returned {counts} rows for {start} atoms")
 
-        batch: list[tuple[int, Any]] = []
-        batch_size = 0
-        for i, prepared in self._prepared(adapter, model, shard, shard_ref[0], builders or [],
-                                          batch_atoms, reasons, timings):
-            batch.append((i, prepared))
-            batch_size += int(shard.n_atoms[i])
-            if batch_size >= batch_atoms:
-                run_batch(batch)
-                batch, batch_size = [], 0
-        if batch:
+        prepared = self._prepared(adapter, model, shard, shard_ref[0], builders or [],
+                                  batch_atoms, reasons, timings)
+        for batch in by_atoms(prepared, lambda item: shard.n_atoms[item[0]], batch_atoms):
             run_batch(batch)
 
         t = time.perf_counter()
@@ -248,6 +233,20 @@ class ExtractionWorker:
             "failure_examples": [f"{shard.structure_id[i]}: {reasons[i][1]}" for i in failed[:3]],
             "worker": _where(),
         }
+
+
+def by_atoms(items: Iterable, n_atoms: Callable[[Any], int], budget: int) -> Iterator[list]:
+    """``items`` in order, in lists filled until they hold ``budget`` atoms or more (the last
+    list with what is left): the batches of the forward passes and the builders' chunks."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += int(n_atoms(item))
+        if size >= budget:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _reason(exc: Exception) -> str:
