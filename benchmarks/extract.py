@@ -48,14 +48,11 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from machine_info import describe, peak_rss_gb  # noqa: E402  (benchmarks/machine_info.py)
+from scaling import extract_once, modality  # noqa: E402  (benchmarks/scaling.py)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODELS = ["chgnet:0.3.0", "chgnet:0.2.0", "chgnet:r2scan", "sevenn:7net-0",
                   "sevenn:7net-0_22may2024", "sevenn:7net-l3i5", "sevenn:7net-mf-0"]
-
-
-def modality(checkpoint: str) -> str | None:
-    return "PBE" if checkpoint == "7net-mf-0" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,33 +174,23 @@ def latentray_run(family: str, checkpoint: str, path: Path, batch_atoms: int, ac
     """(c) latentray's extraction stage through Ray, into a fresh output directory."""
     import numpy as np
     import pyarrow.dataset as ds
-    import ray
 
-    from latentray.config import parse_config
-    from latentray.pipeline import StageLog, run_extraction
-    from latentray.store import Store, features_matrix
+    from latentray.store import features_matrix
 
-    output = tempfile.mkdtemp()
-    config = parse_config({
-        "output": output,
-        "datasets": [{"name": "bench", "path": str(path)}],
-        "models": [{"id": "m", "family": family, "checkpoint": checkpoint,
-                    "modality": modality(checkpoint), "layers": ["all"]}],
-        "extraction": {"shard_size": shard_size, "batch_atoms": batch_atoms, "actors": actors},
-    }, source="benchmarks/extract.py")
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    log = StageLog(quiet=True)
-    summary = run_extraction(config, Store(output), ray, log)
-    ray.shutdown()
-    manifests = [json.loads(p.read_text()) for p in Path(output, "manifest").rglob("*.json")]
-    rss = max([peak_rss_gb()] + [m["worker"]["peak_rss_gb"] for m in manifests])
-    if save:
-        layers = summary["layers"]["m"]
-        table = ds.dataset(Path(output, "latents"), partitioning="hive").to_table(
-            filter=ds.field("layer") == layers[-1]).sort_by([("structure_index", "ascending"),
-                                                              ("atom_index", "ascending")])
-        np.save(save, features_matrix(table["features"]))
-    return {"atoms": summary["totals"]["atoms"], "seconds": log.seconds["extract"],
+    with tempfile.TemporaryDirectory() as output:
+        summary, seconds = extract_once(
+            family, checkpoint, {"name": "bench", "path": str(path)},
+            {"shard_size": shard_size, "batch_atoms": batch_atoms, "actors": actors},
+            output, source="benchmarks/extract.py")
+        manifests = [json.loads(p.read_text()) for p in Path(output, "manifest").rglob("*.json")]
+        rss = max([peak_rss_gb()] + [m["worker"]["peak_rss_gb"] for m in manifests])
+        if save:
+            layers = summary["layers"]["m"]
+            table = ds.dataset(Path(output, "latents"), partitioning="hive").to_table(
+                filter=ds.field("layer") == layers[-1]).sort_by(
+                    [("structure_index", "ascending"), ("atom_index", "ascending")])
+            np.save(save, features_matrix(table["features"]))
+    return {"atoms": summary["totals"]["atoms"], "seconds": seconds["extract"],
             "threads": 1, "actors": actors, "peak_rss_gb": rss}
 
 

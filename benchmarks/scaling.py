@@ -63,39 +63,54 @@ class GPUSampler:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
-def extraction_rate(family: str, checkpoint: str, *, structures: int, actors: int,
-                    shard_size: int, batch_atoms: int, gpus_per_actor: float = 0.0,
-                    graph_builders: int = 0, workdir: Path) -> dict:
-    """One fresh extraction of one model by ``latentray``'s pipeline; its rate and timings."""
+def modality(checkpoint: str) -> str | None:
+    """The modality a benchmark runs a packaged checkpoint with (SevenNet-MF-0: PBE)."""
+    return "PBE" if checkpoint == "7net-mf-0" else None
+
+
+def extract_once(family: str, checkpoint: str, dataset: dict, extraction: dict, output: str,
+                 source: str):
+    """``latentray``'s extraction stage (``run_extraction``) of one model (id ``m``, every
+    layer) into ``output``, on the running Ray cluster or a new local one; returns the
+    extraction summary and the seconds per stage."""
     import ray
 
     from latentray.config import parse_config
     from latentray.pipeline import StageLog, run_extraction
     from latentray.store import Store
 
-    modality = "PBE" if checkpoint == "7net-mf-0" else None
-    output = Path(tempfile.mkdtemp(dir=workdir))
     config = parse_config({
-        "output": str(output),
-        "datasets": [{"name": "mad", "path": "builtin:mad-val-1000", "limit": structures}],
-        "models": [{"id": "m", "family": family, "checkpoint": checkpoint, "modality": modality,
-                    "layers": ["all"]}],
-        "extraction": {"shard_size": shard_size, "batch_atoms": batch_atoms, "actors": actors,
-                       "gpus_per_actor": gpus_per_actor, "graph_builders": graph_builders},
-    }, source="benchmarks/scaling.py")
-    log = StageLog(quiet=True)
+        "output": output, "datasets": [dataset],
+        "models": [{"id": "m", "family": family, "checkpoint": checkpoint,
+                    "modality": modality(checkpoint), "layers": ["all"]}],
+        "extraction": extraction}, source=source)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    log = StageLog(quiet=True)
+    summary = run_extraction(config, Store(output), ray, log)
+    return summary, log.seconds
+
+
+def extraction_rate(family: str, checkpoint: str, *, structures: int, actors: int,
+                    shard_size: int, batch_atoms: int, gpus_per_actor: float = 0.0,
+                    graph_builders: int = 0, workdir: Path) -> dict:
+    """One fresh extraction of one model by ``latentray``'s pipeline; its rate and timings."""
+    output = Path(tempfile.mkdtemp(dir=workdir))
     with GPUSampler() as gpu:
-        summary = run_extraction(config, Store(str(output)), ray, log)
+        summary, seconds = extract_once(
+            family, checkpoint,
+            {"name": "mad", "path": "builtin:mad-val-1000", "limit": structures},
+            {"shard_size": shard_size, "batch_atoms": batch_atoms, "actors": actors,
+             "gpus_per_actor": gpus_per_actor, "graph_builders": graph_builders},
+            str(output), source="benchmarks/scaling.py")
     shutil.rmtree(output)
     t = summary["totals"]
     return {"model": f"{family} {checkpoint}", "actors": actors,
             "graph_builders": graph_builders, "gpus_per_actor": gpus_per_actor,
             "batch_atoms": batch_atoms, "structures": t["structures"], "atoms": t["atoms"],
-            "failed": t["failed"], "units": t["ran"], "describe_s": log.seconds["describe"],
-            "extract_s": log.seconds["extract"],
-            "atoms_per_s": t["atoms"] / log.seconds["extract"], "gpu_util": gpu.mean}
+            "failed": t["failed"], "units": t["ran"], "describe_s": seconds["describe"],
+            "extract_s": seconds["extract"],
+            "atoms_per_s": t["atoms"] / seconds["extract"], "gpu_util": gpu.mean}
 
 
 def main() -> None:
