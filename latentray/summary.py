@@ -29,10 +29,14 @@ def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[
     r = results[(results.seed == seed) & (results.metric == metric)]
     name = metric.upper()
     out: list[str] = []
-    between = r[(r.source != r.target) & (r.level == "atom")]
+    # between models: the first dataset and compared layer only (means never mix them)
+    levels = r[r.source != r.target]
+    if len(levels):
+        levels = levels[(levels.dataset == levels.dataset.iloc[0])
+                        & (levels.layers == levels.layers.iloc[0])]
+    between = levels[levels.level == "atom"]
     if len(between):
         layer = between.layers.iloc[0]
-        between = between[between.layers == layer]
         value = pair_values(between)
         pairs = measured_both_ways(value)
         if pairs:
@@ -76,12 +80,12 @@ def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[
                              + ", ".join(f"{m} ({_f(value[m, parent])} and "
                                          f"{_f(value[parent, m])})" for m in siblings))
                 out.append(text + ".")
-    levels = r[(r.source != r.target)]
     cum = levels[(levels.level == "structure") & (levels.features == "cumulants")]
     atoms = levels[levels.level == "atom"]
     if len(cum) and len(atoms):
         order = int(cum.source_order.iloc[0])
-        line = (f"Structure level (cumulants to order {order}), mean {name} over the pairs "
+        line = (f"Structure level (cumulants to order {order}, layer "
+                f"{cum.layers.iloc[0]}), mean {name} over the pairs "
                 f"{_f(cum.value.mean())}, against {_f(atoms.value.mean())} at atom level")
         summed = levels[levels.features == "sum"]
         if len(summed):
