@@ -5,7 +5,7 @@ streaming reducer against the paper's per-structure recipe, in one run, with the
 
 * **paper's recipe**: for each structure, ``numpy.mean`` and ``scipy.stats.moment`` for
   mu_2 .. mu_8 of its atoms, the moment-cumulant formulas, the root transform;
-* **latentray, one call**: :func:`latentray.cumulants.cumulant_features` on the flat atom array
+* **latentray, one call**: :func:`latentray.method.cumulants.cumulant_features` on the flat atom array
   (vectorised over structures);
 * **latentray, streamed**: the atoms cut into chunks of ``--chunk`` rows that split structures
   between chunks (as Parquet batches and shards do), one :class:`MomentState` per chunk, merged
@@ -32,7 +32,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from latentray.cumulants import MomentState, cumulant_features, merge_all  # noqa: E402
+from latentray.method.cumulants import MomentState, cumulant_features, merge_all  # noqa: E402
 
 ORDER = 8
 

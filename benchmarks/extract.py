@@ -152,7 +152,7 @@ def bare_forward(family: str, checkpoint: str, path: Path, batch_atoms: int,
     import torch
     from ase.io import read
 
-    from latentray.extract import by_atoms
+    from latentray.extraction.worker import by_atoms
     from latentray.models import load_adapter
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ def main() -> None:
     from ase.io import read
 
     from latentray.datasets import resolve_paths
-    from latentray.extract import by_atoms
+    from latentray.extraction.worker import by_atoms
     from latentray.models import load_adapter
 
     warnings.simplefilter("ignore")

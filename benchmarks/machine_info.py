@@ -23,6 +23,6 @@ def describe(**versions: str) -> dict:
 def peak_rss_gb() -> float:
     """This process's peak resident memory in GB (``VmHWM``: this program image only, not
     its parent's memory at the fork, which ``ru_maxrss`` would include)."""
-    from latentray.extract import peak_rss_gb as peak
+    from latentray.extraction.worker import peak_rss_gb as peak
 
     return peak()

@@ -6,14 +6,14 @@
 For every size n and width pair (dx, dy) in (128, 128), (256, 64), on the same synthetic data:
 
 * ``skmatter.metrics.global_reconstruction_error`` (in memory);
-* ``latentray.reconstruction.global_reconstruction_error`` (in memory, same signature);
-* ``latentray.streaming.reconstruction_at_scale`` over a ``latentray.blocks.PairSource`` (Parquet,
+* ``latentray.method.reconstruction.global_reconstruction_error`` (in memory, same signature);
+* ``latentray.method.streaming.reconstruction_at_scale`` over a ``latentray.blocks.PairSource`` (Parquet,
   one shard at a time, serial executor), with ``IndexSplit`` (the split of the two above, so the
   value must equal skmatter's to ~1e-8; n <= 1e6) and with ``HashSplit(1000)`` (the split at
   scale: another test set, so a slightly different value);
 
 and the streamed fit alone at ``--big`` rows (dx=256 -> dy=64, HashSplit).
-The in-memory split is ``latentray.splits.paper_split(n, 1000, seed=0)``.
+The in-memory split is ``latentray.method.splits.paper_split(n, 1000, seed=0)``.
 
 Data: X = G M + mu (G standard normal, M a fixed mixing with singular values over 3 decades),
 Y = tanh(X B) + 0.1 noise, float32, generated shard by shard (200,000 rows; "structures" of 20
@@ -179,7 +179,7 @@ def _reset_peak() -> bool:
 
 def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
     """Run one method once; time and peak memory of the call alone."""
-    from latentray.splits import paper_split
+    from latentray.method.splits import paper_split
 
     train_idx, test_idx = paper_split(n, N_TEST, seed=SEED)
     out: dict = {}
@@ -187,15 +187,15 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
         if method == "skmatter":
             from skmatter.metrics import global_reconstruction_error as gfre
         else:
-            from latentray.reconstruction import global_reconstruction_error as gfre
+            from latentray.method.reconstruction import global_reconstruction_error as gfre
         X, Y = load_arrays(directory, n, dx, dy)
         out["data_gb"] = (X.nbytes + Y.nbytes) / 1e9
 
         def call():
             return {"gfre": float(gfre(X, Y, test_idx=test_idx, train_idx=train_idx))}
     else:
-        from latentray.blocks import PairSource
-        from latentray.streaming import (HashSplit, IndexSplit, SerialExecutor,
+        from latentray.analysis.blocks import PairSource
+        from latentray.method.streaming import (HashSplit, IndexSplit, SerialExecutor,
                                          reconstruction_at_scale)
 
         source = PairSource(directory, DATASET, SOURCE, TARGET,

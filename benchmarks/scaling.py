@@ -76,7 +76,8 @@ def extract_once(family: str, checkpoint: str, dataset: dict, extraction: dict, 
     import ray
 
     from latentray.config import parse_config
-    from latentray.pipeline import StageLog, run_extraction
+    from latentray.job import StageLog
+    from latentray.extraction.stage import run_extraction
     from latentray.store import Store
 
     config = parse_config({

@@ -92,8 +92,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from .pipeline import UnitsFailed, run
-    from .splits import SplitError
+    from .extraction.stage import UnitsFailed
+    from .job import run
+    from .method.splits import SplitError
 
     try:
         config = load_config(args.config, output=args.output)

@@ -6,12 +6,15 @@ Unknown keys and bad values are refused with a message that names them and the f
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .models.base import layer_name_problem
 from .store import INPUT
 
 from .datasets import FORMATS as DATASET_FORMATS
@@ -187,16 +190,25 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     names = [d.name for d in datasets]
     _check(len(set(names)) == len(names), f"{source}: dataset names repeat: {names}")
 
+    environments = raw.get("environments") or {}
+    _check(isinstance(environments, dict), f"{source}: environments: a mapping family -> "
+                                           f"{{python: PATH}} or {{pip: [...]}}")
     for i, m in enumerate(models):
         where = f"{source}: models[{i}] ({m.id})"
         _check(isinstance(m.id, str) and m.id.replace("-", "").replace("_", "").replace(".", "").isalnum(),
                f"{where}.id: use letters, digits, '-', '_', '.', got {m.id!r}")
         _check(isinstance(m.family, str) and m.family, f"{where}.family: required")
-        _check(m.dtype in ("float32", "float64"), f"{where}.dtype: float32 or float64, got {m.dtype!r}")
         _check(all(isinstance(name, str) for name in m.layers) and m.layers,
                f"{where}.layers: a list of layer names such as [bb, ll] or [all]")
+        for name in m.layers:
+            problem = layer_name_problem(name)
+            _check(problem is None, f"{where}.layers: {problem}")
         _check(isinstance(m.options, dict), f"{where}.options: a mapping of the family's "
                                             f"loader options")
+        _check(isinstance(m.device, str) and (m.device in ("auto", "cpu", "cuda") or re.fullmatch(
+            r"cuda:\d+", m.device) is not None),
+               f"{where}.device: auto, cpu, cuda or cuda:N, got {m.device!r}")
+        _check_family(m, where, m.family in environments)
     ids = [m.id for m in models]
     _check(len(set(ids)) == len(ids), f"{source}: model ids repeat: {ids}")
     for i, m in enumerate(models):
@@ -243,20 +255,45 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
     _check(isinstance(a.order, int) and 1 <= a.order <= 8,
            f"{source}: analyses.order: an integer from 1 to 8, got {a.order!r}")
     for name in a.layers:
-        _check(name == "bb" or name == "ll" or (name.startswith("bb") and name[2:].isdigit()),
-               f"{source}: analyses.layers: {name!r} is not a layer name (bb, bbK, ll)")
-    environments = raw.get("environments") or {}
-    _check(isinstance(environments, dict), f"{source}: environments: a mapping family -> "
-                                           f"{{python: PATH}} or {{pip: [...]}}")
+        problem = layer_name_problem(name)
+        _check(problem is None and name != "all",
+               f"{source}: analyses.layers: {problem or 'all is not one layer'}; the layers "
+               f"compared between models are bb, bbK or ll")
     for family, spec in environments.items():
         _check(isinstance(spec, dict) and len(spec) == 1 and set(spec) <= {"python", "pip"}
                and (isinstance(spec.get("python", ""), str)
                     and isinstance(spec.get("pip", []), list)),
                f"{source}: environments.{family}: one of {{python: PATH}} (a prepared "
                f"environment's interpreter) or {{pip: [REQUIREMENT, ...]}}, got {spec!r}")
+        _check("python" not in spec or os.path.isfile(spec["python"]),
+               f"{source}: environments.{family}.python: no interpreter at {spec.get('python')!r}"
+               f" (build it first, e.g. `make family-envs`)")
     return Config(output=raw["output"], datasets=datasets, models=models,
                   extraction=extraction, analyses=analyses, environments=environments,
                   source=source)
+
+
+def _check_family(m: ModelConfig, where: str, has_environment: bool) -> None:
+    """The family exists and accepts the model's dtype, modality and options, from the
+    contract its adapter class declares (no model package is imported). A family that only
+    its own environment knows (an ``environments`` entry, e.g. a ``pip`` one) is checked by
+    its actor when the job starts, before anything is read or written."""
+    from .models import adapter_class, available_families
+
+    families = available_families()
+    if m.family not in families:
+        _check(has_environment, f"{where}.family: unknown family {m.family!r}; choose from "
+                                f"{sorted(families)} (a family installed only in its own "
+                                f"environment needs an `environments` entry)")
+        return
+    try:
+        cls = adapter_class(m.family)
+    except ImportError as exc:
+        _check(has_environment, f"{where}.family: the adapter of {m.family!r} cannot be "
+                                f"imported here: {exc}")
+        return
+    problems = cls.contract_problems(m.dtype, m.modality, m.options)
+    _check(not problems, "; ".join(f"{where}.{problem}" for problem in problems))
 
 
 def load_config(path: str | Path, output: str | None = None) -> Config:

@@ -26,8 +26,7 @@ filter drops are *dropped* (with the filter): frames read = structures + failure
 from __future__ import annotations
 
 import glob
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from .geometry import geometry_problem
+from .shards import StructureShard
 
 BUILTIN = {"mad-val-1000": "mad-val-1000.xyz"}
 FORMATS = ("extxyz", "mptrj-json", "ase-db", "parquet")
@@ -339,76 +339,6 @@ class Filters:
 # the dataset, in shards
 
 
-@dataclass
-class StructureShard:
-    """Structures ``structure_index`` of dataset ``dataset``, as flat arrays.
-
-    ``failures`` and ``dropped``: (structure_id, reason) of the frames read between this
-    shard's first structure and the next shard's that could not be used or were filtered out.
-    """
-
-    dataset: str
-    shard: int
-    structure_id: np.ndarray  # (S,) str: "<dataset>:<id in the dataset>"
-    structure_index: np.ndarray  # (S,) int64, position among the dataset's kept structures
-    n_atoms: np.ndarray  # (S,) int64
-    numbers: np.ndarray  # (A,) int64, all atoms of the shard
-    positions: np.ndarray  # (A, 3) float64, Angstrom
-    cells: np.ndarray  # (S, 3, 3) float64
-    pbc: np.ndarray  # (S, 3) bool
-    subset: np.ndarray  # (S,) str, "" when the dataset has no label
-    energy: np.ndarray  # (S,) float64 total energy, NaN where absent
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.structure_index)
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.n_atoms)])
-
-    def atoms(self, i: int):
-        """Structure ``i`` of the shard as ``ase.Atoms``."""
-        from ase import Atoms
-
-        start, stop = self.offsets[i], self.offsets[i + 1]
-        return Atoms(numbers=self.numbers[start:stop], positions=self.positions[start:stop],
-                     cell=self.cells[i], pbc=self.pbc[i])
-
-    def content_hash(self) -> str:
-        """sha256 of everything a model sees, plus the ids (order-sensitive)."""
-        h = hashlib.sha256()
-        for array in (self.structure_index, self.n_atoms, self.numbers, self.positions,
-                      self.cells, self.pbc):
-            h.update(np.ascontiguousarray(array).tobytes())
-        h.update("\x00".join(self.structure_id.tolist()).encode())
-        return h.hexdigest()
-
-    def table(self):
-        """The shard as structures Parquet rows (``STRUCTURE_COLUMNS``; geometry included)."""
-        import pyarrow as pa
-
-        offsets = self.offsets.astype(np.int32)
-        prefix = len(self.dataset) + 1
-        return pa.table({
-            "structure_id": pa.array(self.structure_id.tolist(), pa.string()),
-            "native_id": pa.array([s[prefix:] for s in self.structure_id.tolist()], pa.string()),
-            "structure_index": pa.array(self.structure_index, pa.int64()),
-            "n_atoms": pa.array(self.n_atoms, pa.int64()),
-            "numbers": pa.ListArray.from_arrays(pa.array(offsets),
-                                                pa.array(self.numbers.astype(np.int16))),
-            "positions": pa.ListArray.from_arrays(pa.array(offsets * 3),
-                                                  pa.array(self.positions.reshape(-1))),
-            "cell": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, 9 * len(self) + 1, 9, dtype=np.int32)),
-                pa.array(self.cells.reshape(-1))),
-            "pbc": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, 3 * len(self) + 1, 3, dtype=np.int32)),
-                pa.array(self.pbc.reshape(-1))),
-            "subset": pa.array(self.subset.tolist(), pa.string()),
-            "energy": pa.array(self.energy, pa.float64()),
-        }).replace_schema_metadata({"latentray.shard_sha256": self.content_hash()})
 
 
 def _shard(name: str, shard: int, frames: list[Frame], first_index: int,
@@ -487,3 +417,5 @@ def iter_shards(name: str, path: str, fmt: str = "extxyz", subset_key: str | Non
         if not frames and shard == 0 and not failures and not dropped:
             raise DatasetError(f"dataset {name}: {path} holds no structure")
         yield _shard(name, shard, frames, kept - len(frames), failures, dropped)
+
+

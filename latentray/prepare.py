@@ -19,7 +19,7 @@ from .store import Store
 def prepare_dataset(dataset: DatasetConfig, output: str, shard_size: int = 250,
                     log=print) -> dict:
     """Read ``dataset`` and write it as structures Parquet under ``output``; return counts."""
-    from .pipeline import write_shard_tables
+    from .shards import write_shard_tables
 
     store = Store(output)
     t = time.perf_counter()

@@ -1,17 +1,23 @@
-"""Shared by the tests: reading a run's outputs back with pyarrow alone."""
+"""Shared by the tests: a run's latents read back through the public reader."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
+
+import latentray
 
 
 def layer_matrices(output: Path, model: str | None = None) -> dict[str, np.ndarray]:
     """``{layer: (atoms, width) features}`` of one model (or of the only one) under
-    ``OUTPUT/latents``, rows in dataset order (structure, then atom)."""
-    table = ds.dataset(Path(output) / "latents", format="parquet", partitioning="hive").to_table(
-        filter=None if model is None else ds.field("model") == model).to_pandas()
-    table = table.sort_values(["layer", "structure_index", "atom_index"])
-    return {layer: np.stack(rows.features.to_numpy()) for layer, rows in table.groupby("layer")}
+    ``OUTPUT/latents``, rows in dataset order (structure, then atom): ``latentray.open``
+    (itself checked against pyarrow's and DuckDB's reading in test_store.py)."""
+    root = Path(output) / "latents"
+    (dataset,) = [p.name.split("=", 1)[1] for p in root.iterdir()]
+    models = [p.name.split("=", 1)[1] for p in (root / f"dataset={dataset}").iterdir()]
+    model = model or models[0]
+    layers = sorted(p.name.split("=", 1)[1]
+                    for p in (root / f"dataset={dataset}" / f"model={model}").iterdir())
+    run = latentray.open(str(output))
+    return {layer: run.latents(dataset, model, layer).X for layer in layers}

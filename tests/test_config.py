@@ -40,7 +40,7 @@ def test_output_override(tmp_path):
     (lambda c: c["analyses"].update(spread_seeds=[0, 1]), "analyses.spread_seeds: distinct"),
     (lambda c: c["analyses"].update(in_memory_limit_mb=-1), "analyses.in_memory_limit_mb"),
     (lambda c: c["extraction"].update(batch_atoms=0), "extraction.batch_atoms: must be a positive"),
-    (lambda c: c["models"][0].update(dtype="float16"), "dtype: float32 or float64"),
+    (lambda c: c["models"][0].update(dtype="float16"), "dtype: 'float16' is not one of ['float32', 'float64']"),
     (lambda c: c["models"][1].update(id="chgnet-0.3.0"), "model ids repeat"),
     (lambda c: c.pop("models"), "missing top-level key 'models'"),
     (lambda c: c["models"][0].pop("family"), "models[0]: missing key(s) ['family']"),

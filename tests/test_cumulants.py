@@ -1,4 +1,4 @@
-"""Cumulant structure features (latentray.cumulants) against the paper's recipe done by hand.
+"""Cumulant structure features (latentray.method.cumulants) against the paper's recipe done by hand.
 
 The reference everywhere is independent of the module: per structure, ``numpy.mean`` and
 ``scipy.stats.moment`` for the central moments, the cumulant formulas written out again below,
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from latentray import cumulants as cm
-from latentray.cumulants import (
+from latentray.method import cumulants as cm
+from latentray.method.cumulants import (
     MomentState,
     cumulant_features,
     mean_pooling,

@@ -32,7 +32,7 @@ UNKNOWN_TO_SEVENNET = {291: "Po", 318: "Po", 370: "Po", 394: "Rn"}
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     ray = pytest.importorskip("ray")
-    from latentray.pipeline import run
+    from latentray.job import run
 
     root = tmp_path_factory.mktemp("job")
     frames = read(resolve_paths("builtin:mad-val-1000")[0], index=f"{FIRST}:{LAST}")
@@ -306,7 +306,7 @@ def _hash_split_reference(out, frames, level, source, target, seed, n_test, metr
     """The streaming path's numbers, recomputed from rows read back with pyarrow: the same
     engine on in-memory arrays (its equality with skmatter on given index sets is tested in
     test_streaming.py)."""
-    from latentray.streaming import ArraySource, HashSplit, reconstruction_at_scale
+    from latentray.method.streaming import ArraySource, HashSplit, reconstruction_at_scale
 
     common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
     layer = {"chgnet-0.3.0": "bb4", "sevennet-0": "bb5"}
@@ -370,7 +370,7 @@ def test_the_last_layer_against_each_backbone_layer(job):
     skmatter on rows read back with the paper's split; streamed equal to the engine on them."""
     from skmatter.metrics import global_reconstruction_error
 
-    from latentray.streaming import ArraySource, HashSplit, reconstruction_at_scale
+    from latentray.method.streaming import ArraySource, HashSplit, reconstruction_at_scale
 
     everything = list(range(LAST - FIRST))
     bb3, t3 = _skmatter_rows(job["out"], "chgnet-0.3.0", "bb3", everything)

@@ -1,4 +1,4 @@
-"""latentray.reconstruction against scikit-matter (the reference implementation)."""
+"""latentray.method.reconstruction against scikit-matter (the reference implementation)."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from skmatter.preprocessing import StandardFlexibleScaler
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
-import latentray.reconstruction as lr
+import latentray.method.reconstruction as lr
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 SEED = 0x5F3759DF

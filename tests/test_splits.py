@@ -1,10 +1,10 @@
-"""latentray.splits against sklearn's train_test_split (the paper's protocol)."""
+"""latentray.method.splits against sklearn's train_test_split (the paper's protocol)."""
 
 import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from latentray.splits import paper_split, structure_n_test
+from latentray.method.splits import paper_split, structure_n_test
 
 
 def _sklearn_float(n_rows, n_test, seed, labels=None):

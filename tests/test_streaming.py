@@ -1,4 +1,4 @@
-"""latentray.streaming: the measures from mergeable statistics over blocks, against
+"""latentray.method.streaming: the measures from mergeable statistics over blocks, against
 scikit-matter (given the same index sets) on random and on real latents, and the split rule."""
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import skmatter.metrics as skm
 from ase.io import read
 
-import latentray.reconstruction as lr
-from latentray.cumulants import cumulant_features
+import latentray.method.reconstruction as lr
+from latentray.method.cumulants import cumulant_features
 from latentray.datasets import resolve_paths
-from latentray.splits import paper_split
-from latentray.streaming import (
+from latentray.method.splits import paper_split
+from latentray.method.streaming import (
     FOLD1,
     FOLD2,
     TEST,

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from latentray.summary import findings
+from latentray.report.summary import findings
 
 FAMILIES = {"a1": "fa", "a2": "fa", "a3": "fa", "b1": "fb"}
 

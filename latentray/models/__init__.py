@@ -9,7 +9,7 @@ extraction actor.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from .base import ModelAdapter, ModelInfo, StructureError, resolve_layers
 
@@ -32,12 +32,35 @@ def available_families() -> dict[str, str]:
     return families
 
 
-def adapter_class(family: str) -> type[ModelAdapter]:
+def _entry(family: str) -> tuple[str, str]:
     families = available_families()
     if family not in families:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(families)}")
     module_name, _, class_name = families[family].partition(":")
+    return module_name, class_name
+
+
+def adapter_module(family: str) -> str:
+    """The name of the module that holds ``family``'s adapter (nothing is imported)."""
+    return _entry(family)[0]
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter class of ``family``: imports its module, which imports neither torch nor
+    the family's package (they are imported when a checkpoint is loaded)."""
+    module_name, class_name = _entry(family)
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def distribution_version(distribution: str) -> str:
+    """The installed version of ``distribution``; an error, never None, when it is missing."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        import sys
+
+        raise RuntimeError(f"distribution {distribution!r} (a model family's code) is not "
+                           f"installed in this environment ({sys.executable})") from None
 
 
 def load_adapter(family: str, checkpoint: str, **options) -> ModelAdapter:
@@ -50,6 +73,8 @@ __all__ = [
     "ModelInfo",
     "StructureError",
     "adapter_class",
+    "adapter_module",
+    "distribution_version",
     "available_families",
     "load_adapter",
     "resolve_layers",

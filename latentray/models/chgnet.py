@@ -28,16 +28,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from .base import (ModelAdapter, StructureError, check_geometry,
-                   resolve_layers, with_aliases)
+from .base import ModelAdapter, StructureError, check_geometry
 
 PACKAGED = ("0.3.0", "0.2.0", "r2scan")
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 class _Stop(Exception):
     """Raised by the hook of the last requested layer to end the forward pass."""
@@ -50,6 +44,8 @@ def _from_file(cls: Any, path: str) -> Any:
     for with ``mlp_out_bias=True`` but ``from_file`` does not: ``from_file`` fails on that
     very file. The flag is read here from the state dict itself.
     """
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     dct = state["model"] if "model" in state else state
     kwargs = {}
@@ -61,19 +57,16 @@ def _from_file(cls: Any, path: str) -> Any:
 
 class CHGNetAdapter(ModelAdapter):
     family = "chgnet"
-    package = "chgnet"  # the distribution whose version describes the code
+    distribution = "chgnet"
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
                  modality: str | None = None, options: dict | None = None) -> None:
         super().__init__(checkpoint, device=device, dtype=dtype, modality=modality,
                          options=options)
-        if modality is not None:
-            raise ValueError(
-                f"CHGNet checkpoint {checkpoint!r} has no modalities; got modality={modality!r}"
-            )
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self._torch_dtype = _DTYPES[dtype]
+        import torch
+        from torch import nn
+
+        self._torch_dtype = getattr(torch, dtype)
         self._np_dtype = np.float64 if dtype == "float64" else np.float32
 
         import chgnet
@@ -108,7 +101,7 @@ class CHGNetAdapter(ModelAdapter):
 
         # Layer -> (module, kind): kind "out" records the module's output, "in" its input.
         convs = list(model.atom_conv_layers)
-        self._taps: dict[str, tuple[nn.Module, str]] = {}
+        self._taps: dict[str, tuple["nn.Module", str]] = {}
         for k, conv in enumerate(convs[:-1], start=1):
             self._taps[f"bb{k}"] = (conv, "out")
         last = model.readout_norm if model.readout_norm is not None else convs[-1]
@@ -160,6 +153,8 @@ class CHGNetAdapter(ModelAdapter):
         bare = Atoms(numbers=atoms.numbers, positions=positions, cell=cell, pbc=pbc)
         structure = AseAtomsAdaptor.get_structure(bare)
         graph = self._graph(structure)
+        import torch
+
         if self._torch_dtype == torch.float64:
             graph.atom_frac_coord = torch.tensor(structure.frac_coords, dtype=torch.float64)
             graph.lattice = torch.tensor(structure.lattice.matrix, dtype=torch.float64)
@@ -170,6 +165,7 @@ class CHGNetAdapter(ModelAdapter):
         """CHGNet's ``CrystalGraph`` of ``structure``: the converter's neighbour list and
         tensors, its edge bookkeeping vectorised (:mod:`latentray.models.chgnet_graph`,
         equal element for element to the converter's own, 16x faster)."""
+        import torch
         from chgnet.graph.crystalgraph import CrystalGraph
 
         from .chgnet_graph import crystal_graph_arrays
@@ -208,12 +204,10 @@ class CHGNetAdapter(ModelAdapter):
 
     # -- batched forward ---------------------------------------------------------------
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _forward(self, prepared: Sequence[Any], names: Sequence[str]) -> dict[str, np.ndarray]:
         """One batched pass; not re-entrant (its hooks live for the call): one at a time."""
-        names = resolve_layers(layers, self._layers)
-        if len(prepared) == 0:
-            empty = {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
-            return with_aliases(empty, layers, self._layers)
+        import torch
+
         captured: dict[str, torch.Tensor] = {}
         last = names[-1]
         handles = []
@@ -251,4 +245,4 @@ class CHGNetAdapter(ModelAdapter):
         if missing:  # pragma: no cover - would mean the model's code path changed
             raise RuntimeError(f"CHGNet forward did not reach layer(s) {missing}")
         out = {n: captured[n].detach().to("cpu", self._torch_dtype).numpy() for n in names}
-        return with_aliases(out, layers, self._layers)
+        return out

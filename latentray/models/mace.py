@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, check_geometry, with_aliases
+from .base import ModelAdapter, check_geometry
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
@@ -38,6 +38,8 @@ def _scalar_columns(irreps) -> np.ndarray:
 
 class MACEAdapter(ModelAdapter):
     family = "mace"
+    distribution = "mace-torch"
+    modalities = None  # the model's heads
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
@@ -83,7 +85,7 @@ class MACEAdapter(ModelAdapter):
                                                 cutoff=self._cutoff, heads=self.heads)
         return graph
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
         from mace.tools import torch_geometric
 
         torch = self._torch
@@ -106,4 +108,4 @@ class MACEAdapter(ModelAdapter):
             else:
                 values = node_feats[:, torch.as_tensor(self._columns[int(name[2:]) - 1])]
             result[name] = values.detach().cpu().numpy().astype(np.float32)
-        return with_aliases(result, layers, list(self._widths))
+        return result

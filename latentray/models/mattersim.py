@@ -25,11 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, StructureError, check_geometry, with_aliases
+from .base import ModelAdapter, StructureError, check_geometry
 
 
 class MatterSimAdapter(ModelAdapter):
     family = "mattersim"
+    distribution = "mattersim"
+    # MatterSim's M3GNet computes in float32 (its forward casts the periodic offsets to float32)
+    dtypes = ("float32",)
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
@@ -38,12 +41,6 @@ class MatterSimAdapter(ModelAdapter):
         from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
 
         self._torch = torch
-        if self.modality is not None:
-            raise ValueError(f"{checkpoint}: MatterSim models have one head; got "
-                             f"modality={self.modality!r}")
-        if self.dtype != "float32":
-            raise ValueError(f"{checkpoint}: MatterSim's M3GNet computes in float32 (its "
-                             f"forward casts the periodic offsets to float32); got {self.dtype}")
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"MatterSim checkpoint {checkpoint!r} is not a local file "
                                     "(latentray downloads nothing: fetch it first)")
@@ -77,7 +74,7 @@ class MatterSimAdapter(ModelAdapter):
             warnings.simplefilter("ignore", UserWarning)
             return self.convertor.convert(atoms.copy())
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
         from mattersim.forcefield.potential import batch_to_dict
         from torch_geometric.data import Batch
 
@@ -103,4 +100,4 @@ class MatterSimAdapter(ModelAdapter):
             captured["ll"] = torch.cat([captured.pop("g"), captured.pop("sigma")], dim=1)
         result = {name: captured[name].detach().cpu().numpy().astype(np.float32)
                   for name in wanted}
-        return with_aliases(result, layers, list(self._widths))
+        return result

@@ -17,13 +17,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, check_geometry, with_aliases
+from .base import ModelAdapter, check_geometry
 
 LAST_LAYER = "mtt::aux::energy_last_layer_features"
 
 
 class MetatomicAdapter(ModelAdapter):
     family = "metatomic"
+    distribution = "metatomic-torch"
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
@@ -86,6 +87,5 @@ class MetatomicAdapter(ModelAdapter):
                 len(order), -1).astype(np.float32)
         return result
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
-        concrete = sorted({"bb1" if name == "bb" else name for name in layers})
-        return with_aliases(self._run(list(prepared), concrete), layers, list(self._outputs))
+    def _forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+        return self._run(list(prepared), list(layers))

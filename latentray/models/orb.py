@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, StructureError, check_geometry, with_aliases
+from .base import ModelAdapter, StructureError, check_geometry
 
 
 def pretrained_name(file_name: str, names: Sequence[str]) -> str | None:
@@ -42,6 +42,7 @@ def pretrained_name(file_name: str, names: Sequence[str]) -> str | None:
 
 class OrbAdapter(ModelAdapter):
     family = "orb"
+    distribution = "orb-models"
     option_names = frozenset({"architecture", "system_config", "arguments"})
 
     def __init__(self, checkpoint: str, **options) -> None:
@@ -51,9 +52,6 @@ class OrbAdapter(ModelAdapter):
         from orb_models.forcefield.atomic_system import SystemConfig
 
         self._torch = torch
-        if self.modality is not None:
-            raise ValueError(f"{checkpoint}: Orb models have no heads to choose; got "
-                             f"modality={self.modality!r}")
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"Orb checkpoint {checkpoint!r} is not a local file "
                                     "(latentray downloads nothing: fetch it first)")
@@ -114,7 +112,7 @@ class OrbAdapter(ModelAdapter):
         return ase_atoms_to_atom_graphs(atoms, self.system_config, output_dtype=self._dtype,
                                         graph_construction_dtype=self._dtype)
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
         from orb_models.forcefield.base import batch_graphs
 
         torch = self._torch
@@ -133,4 +131,4 @@ class OrbAdapter(ModelAdapter):
                 hook.remove()
         result = {name: captured[k].detach().cpu().numpy().astype(np.float32)
                   for name, k in zip(wanted, steps)}
-        return with_aliases(result, layers, list(self._widths))
+        return result

@@ -26,14 +26,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from .base import (ModelAdapter, StructureError, check_geometry,
-                   resolve_layers, with_aliases)
+from .base import ModelAdapter, StructureError, check_geometry
 
 PACKAGED = ("7net-0", "7net-0_22may2024", "7net-l3i5", "7net-mf-0")
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GATE = re.compile(r"^(\d+)_equivariant_gate$")
 
 
@@ -56,15 +53,16 @@ def scalar_channels(irreps: Any) -> slice | list[int]:
 
 class SevenNetAdapter(ModelAdapter):
     family = "sevenn"
-    package = "sevenn"  # the distribution whose version describes the code
+    distribution = "sevenn"
+    modalities = None  # a multi-fidelity checkpoint lists its own
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
                  modality: str | None = None, options: dict | None = None) -> None:
         super().__init__(checkpoint, device=device, dtype=dtype, modality=modality,
                          options=options)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        self._torch_dtype = _DTYPES[dtype]
+        import torch
+
+        self._torch_dtype = getattr(torch, dtype)
         self._np_dtype = np.float64 if dtype == "float64" else np.float32
 
         import sevenn._keys as KEY
@@ -175,6 +173,8 @@ class SevenNetAdapter(ModelAdapter):
             )
         edge_vec = graph[KEY.EDGE_VEC]
         data = AtomGraphData.from_numpy_dict(graph)  # float32, as the calculator does
+        import torch
+
         if self._torch_dtype == torch.float64:
             data[KEY.EDGE_VEC] = torch.from_numpy(np.ascontiguousarray(edge_vec, np.float64))
         if self._modal_index is not None:
@@ -183,11 +183,8 @@ class SevenNetAdapter(ModelAdapter):
 
     # -- batched forward ---------------------------------------------------------------
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
-        names = resolve_layers(layers, self._layers)
-        if len(prepared) == 0:
-            empty = {n: np.zeros((0, self._widths[n]), dtype=self._np_dtype) for n in names}
-            return with_aliases(empty, layers, self._layers)
+    def _forward(self, prepared: Sequence[Any], names: Sequence[str]) -> dict[str, np.ndarray]:
+        import torch
         from torch_geometric.data import Batch
 
         KEY = self._KEY
@@ -217,4 +214,4 @@ class SevenNetAdapter(ModelAdapter):
                 if module_name == stop:
                     break
         out = {n: captured[n].to("cpu", self._torch_dtype).contiguous().numpy() for n in names}
-        return with_aliases(out, layers, self._layers)
+        return out

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, check_geometry, with_aliases
+from .base import ModelAdapter, check_geometry
 
 # what an inference checkpoint may contain besides tensors and plain containers
 _SAFE_GLOBALS = [("fairchem.core.units.mlip_unit.api.inference", "MLIPInferenceCheckpoint"),
@@ -47,6 +47,8 @@ _SAFE_GLOBALS = [("fairchem.core.units.mlip_unit.api.inference", "MLIPInferenceC
 
 class UMAAdapter(ModelAdapter):
     family = "uma"
+    distribution = "fairchem-core"
+    modalities = None  # the tasks the checkpoint lists
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
@@ -108,7 +110,7 @@ class UMAAdapter(ModelAdapter):
                                    radius=self._cutoff, max_neigh=None,
                                    r_data_keys=["spin", "charge"], target_dtype=self._dtype)
 
-    def forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
+    def _forward(self, prepared: Sequence[Any], layers: Sequence[str]) -> dict[str, np.ndarray]:
         from fairchem.core.datasets.atomic_data import atomicdata_list_to_batch
 
         torch = self._torch
@@ -135,4 +137,4 @@ class UMAAdapter(ModelAdapter):
                 hook.remove()
         result = {name: captured[name].detach().cpu().numpy().astype(np.float32)
                   for name in wanted}
-        return with_aliases(result, layers, list(self._widths))
+        return result

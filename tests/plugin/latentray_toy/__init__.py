@@ -12,6 +12,7 @@ from latentray.models import ModelAdapter, StructureError
 
 class RadialAdapter(ModelAdapter):
     family = "toy-radial"
+    distribution = "latentray-toy"
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
@@ -36,7 +37,7 @@ class RadialAdapter(ModelAdapter):
         i, j, d = neighbor_list("ijd", atoms, self._cutoff)
         return len(atoms), i, d, atoms.numbers[j]
 
-    def forward(self, prepared, layers):
+    def _forward(self, prepared, layers):
         import os
         import signal
         import time

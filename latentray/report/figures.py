@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pandas as pd
 
-from .analysis import measured_both_ways, pair_values
+from ..results import measured_both_ways, pair_values
 
 METRIC_NAMES = {"gfre": "GFRE", "lfre": "LFRE", "gfrd": "GFRD", "cka": "linear CKA"}
 

@@ -13,56 +13,13 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .store import Store, features_matrix
-from .streaming import Block
+from ..reader import Run
+from ..store import Store, features_matrix
+from ..method.streaming import Block
 
 _ID_COLUMNS = ["structure_id", "structure_index", "atom_index"]
-
-
-def read_cumulants(store: Store, dataset: str, model: str, layer: str, orders: int,
-                   shards, columns: list[str] | None = None) -> pa.Table:
-    """The order-``orders`` cumulant descriptor [k1 .. k_orders] of some shards, as one table.
-
-    Reads ``cumulants/.../order=1..orders/part-SHARD.parquet`` (rows in the same structure
-    order in every order's file, checked) and returns the id ``columns`` of order 1 (all by
-    default) with ``features`` = the orders side by side (``latentray.width``: their total).
-    """
-    if columns is not None and "features" not in columns:  # the ids alone: order 1's file
-        orders = 1
-    parts, width = [], None
-    for n in range(1, orders + 1):
-        directory = store.cumulants_dir(dataset, model, layer, n)
-        tables = []
-        for shard in shards:
-            path = posixpath.join(directory, store.part(shard))
-            try:
-                tables.append(pq.read_table(path, columns=None if n == 1 else
-                                            ["structure_index", "features"],
-                                            filesystem=store.fs))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: missing (cumulants of {model} {layer}, "
-                                        f"order {n}, shard {shard})") from None
-        table = pa.concat_tables(tables)
-        width = int(tables[0].schema.metadata[b"latentray.width"])
-        if parts and not np.array_equal(table["structure_index"].to_numpy(),
-                                        parts[0]["structure_index"].to_numpy()):
-            raise RuntimeError(f"{directory}: rows differ from order 1's")
-        parts.append(table)
-    ids = parts[0].drop_columns(["features"])
-    if columns is not None:
-        ids = ids.select([c for c in columns if c != "features"])
-        if "features" not in columns:
-            return ids
-    F = np.hstack([features_matrix(t["features"], width) for t in parts])
-    n_rows, total = F.shape
-    features = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, (n_rows + 1) * total, total, dtype=np.int32)),
-        pa.array(F.reshape(-1)))
-    return ids.append_column("features", features).replace_schema_metadata(
-        {"latentray.width": str(total), "latentray.orders": str(orders)})
 
 
 @dataclass
@@ -94,20 +51,14 @@ class PairSource:
 
     def _read(self, k: int, i: int, columns: list[str]):
         """Side ``k`` (0: source, 1: target) of block ``i``, and where it was read from."""
-        store, (model, layer) = Store(self.uri), (self.source, self.target)[k]
+        run, (model, layer) = Run(self.uri), (self.source, self.target)[k]
+        store, shard = run.store, self.shards[i]
         if self.kind == "cumulants":
-            table = read_cumulants(store, self.dataset, model, layer, self.orders[k],
-                                   [self.shards[i]], columns)
+            table = run.cumulants_table(self.dataset, model, layer, self.orders[k], [shard],
+                                        columns)
             return table, store.cumulants_dir(self.dataset, model, layer, 1)
-        path = posixpath.join(store.latents_dir(self.dataset, model, layer),
-                              store.part(self.shards[i]))
-        side = (model, layer)
-        try:
-            table = pq.read_table(path, columns=columns, filesystem=store.fs)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing ({self.kind} of {side[0]} {side[1]}, "
-                                    f"shard {self.shards[i]})") from None
-        return table, path
+        return (run.latents_table(self.dataset, model, layer, shard=shard, columns=columns),
+                posixpath.join(store.latents_dir(self.dataset, model, layer), store.part(shard)))
 
     def _columns(self, features: bool) -> list[str]:
         ids = _ID_COLUMNS if self.kind == "latents" else ["structure_id", "structure_index"]

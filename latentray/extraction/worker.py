@@ -1,4 +1,4 @@
-"""Extraction stage: (dataset shard, model) units run by Ray actors that hold the models.
+"""The extraction actor: (dataset shard, model) units run by Ray actors that hold the models.
 
 The actor is the only place that imports a model package. For each unit it
 
@@ -11,32 +11,45 @@ The actor is the only place that imports a model package. For each unit it
    one bad structure costs only itself;
 3. writes one latents Parquet file per layer and one failures file, each atomically.
 
-The driver then records the unit in the manifest with the hashes of its inputs; a
-re-run skips every unit whose manifest entry matches (see :func:`unit_inputs`).
+The driver then records the unit in the manifest (:mod:`latentray.extraction.manifest`);
+this module and the adapter's are the code a unit's latents depend on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 import posixpath
 import time
 from collections import OrderedDict
-from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
-from .config import ModelConfig
-from .datasets import StructureShard
-from .store import FAILURE_SCHEMA, Store, latent_table
+from ..codehash import code_digests
+from ..records import ModelDescription
+from ..shards import StructureShard
+from ..store import FAILURE_SCHEMA, Store, latent_table
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
-def _source_sha256(obj) -> str:
-    return hashlib.sha256(inspect.getsource(inspect.getmodule(obj)).encode()).hexdigest()
+def unit_code(family: str) -> dict[str, str]:
+    """The code a unit's latents depend on: this module, the family's adapter module, and
+    the latentray modules they import (:func:`latentray.codehash.code_digests`)."""
+    from ..models import adapter_module
+
+    return code_digests(__name__, adapter_module(family))
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` where torch sees a GPU, else ``cpu``; any other value as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class ExtractionWorker:
@@ -54,45 +67,32 @@ class ExtractionWorker:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        from .models import load_adapter
+        from ..models import load_adapter
 
-        device = model.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        adapter = load_adapter(model.family, model.checkpoint, device=device, dtype=model.dtype,
+        adapter = load_adapter(model.family, model.checkpoint,
+                               device=resolve_device(model.device), dtype=model.dtype,
                                modality=model.modality, options=model.options)
         self._models[key] = adapter
         while len(self._models) > self._max_cached:
             self._models.popitem(last=False)
         return adapter
 
-    def describe(self, model: ModelConfig) -> dict:
-        """What the driver needs to know about a model: widths, hashes, versions."""
-        from . import models as registry
+    def describe(self, model: ModelConfig) -> ModelDescription:
+        """What the driver needs to know about a model: widths, hashes, the family
+        distribution's version and the code that computes its latents."""
+        from ..models import distribution_version
 
         adapter = self._adapter(model)
         info = adapter.info
         cls = type(adapter)
-        package = cls.__module__.split(".")[-1]
-        family_version = None
-        try:
-            from importlib.metadata import version
-
-            family_version = version(getattr(cls, "package", None) or package)
-        except Exception:
-            pass
-        return {
-            "info": asdict(info) | {"supported_numbers": sorted(info.supported_numbers)
-                                    if info.supported_numbers is not None else None},
-            "code": {
-                "latentray": __version__,
-                "adapter_sha256": _source_sha256(cls),
-                "interface_sha256": _source_sha256(registry.ModelAdapter),
-                "family_package_version": family_version,
-            },
-        }
+        return ModelDescription(
+            model=model.id, family=model.family, checkpoint=model.checkpoint,
+            checkpoint_file=info.checkpoint_file, checkpoint_sha256=info.checkpoint_sha256,
+            cutoff=float(info.cutoff), layer_widths=dict(info.layer_widths),
+            supported_numbers=(tuple(sorted(info.supported_numbers))
+                               if info.supported_numbers is not None else None),
+            distribution=cls.distribution, version=distribution_version(cls.distribution),
+            code=unit_code(model.family))
 
     def prepare_structures(self, model: ModelConfig, shard: StructureShard,
                            indices: list[int]) -> tuple[list, dict, float]:
@@ -251,7 +251,7 @@ def by_atoms(items: Iterable, n_atoms: Callable[[Any], int], budget: int) -> Ite
 
 def _reason(exc: Exception) -> str:
     """A structure's failure reason: the message of a StructureError, else the type too."""
-    from .models import StructureError
+    from ..models import StructureError
 
     return str(exc) if isinstance(exc, StructureError) else f"{type(exc).__name__}: {exc}"
 
@@ -287,21 +287,3 @@ def _where() -> dict:
             "peak_rss_gb": round(peak_rss_gb(), 3)}
 
 
-def unit_inputs(shard_hash: str, dataset: str, shard: int, model: ModelConfig,
-                layers: list[str], description: dict) -> dict:
-    """Everything a unit's output depends on; a re-run skips units whose inputs match."""
-    info = description["info"]
-    return {
-        "dataset": dataset,
-        "shard": shard,
-        "shard_sha256": shard_hash,
-        "model": model.id,
-        "family": model.family,
-        "checkpoint": model.checkpoint,
-        "checkpoint_sha256": info["checkpoint_sha256"],
-        "modality": model.modality,
-        **({"options": model.options} if model.options else {}),
-        "dtype": model.dtype,
-        "layers": list(layers),
-        "code": description["code"],
-    }

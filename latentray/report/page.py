@@ -14,11 +14,11 @@ import html
 
 import pandas as pd
 
-from .analysis import LAYER_ANALYSIS, pair_values
-from .config import Config
+from ..results import LAYER_ANALYSIS, pair_values
+from ..config import Config
 from .figures import (METRIC_NAMES, asymmetry_png, heatmap_png, layers_png, maps_png,
                       order_png)
-from .store import INPUT, Store
+from ..store import INPUT, Store
 from .summary import findings
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -63,12 +63,9 @@ def _remove_stale_figures(store: Store, current: set[str]) -> None:
 
 
 def _read_results(store: Store, name: str) -> pd.DataFrame | None:
-    path = store.path("results", f"{name}.parquet")
-    if not store.exists(path):
-        return None
-    import pyarrow.parquet as pq
+    from ..reader import Run
 
-    return pq.read_table(path, filesystem=store.fs).to_pandas()
+    return Run(store).results(name)
 
 
 class _Figures:
@@ -115,9 +112,11 @@ def _pairs_table(between: pd.DataFrame, pairs: list[tuple[str, str, str]], seed:
         '<p class="note">No pair of this kind among the models of this run.</p>'
 
 
-def write_report(config: Config, store: Store, results: pd.DataFrame, extraction: dict,
-                 analysis_info: dict, provenance: dict, log) -> str:
-    """Write figures/*.png and report.html; return the report's path."""
+def write_report(config: Config, store: Store, analysis_info: dict, provenance: dict,
+                 log) -> str:
+    """Write figures/*.png and report.html from the results tables in ``store``; return the
+    report's path."""
+    results = _read_results(store, "reconstruction")
     models = [m.id for m in config.models]
     families = {m.id: m.family for m in config.models}
     parents = {m.id: m.parent for m in config.models if m.parent}

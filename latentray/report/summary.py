@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analysis import LAYER_ANALYSIS, measured_both_ways, pair_values
+from ..results import LAYER_ANALYSIS, measured_both_ways, pair_values
 
 
 def _f(x: float) -> str:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .blocks import read_cumulants
-from .store import Store, features_matrix
+from ..reader import Run
+from ..store import features_matrix
 
 MAP_COLUMNS = ["dataset", "layers", "model", "layer", "method", "structure_id",
                "structure_index", "subset", "energy_per_atom", "x", "y"]
@@ -53,13 +53,12 @@ def model_map(uri: str, dataset: str, layers: str, model: str, layer: str, order
               shards: int, chosen: np.ndarray | None, methods: tuple[str, ...]) -> pd.DataFrame:
     """The map rows of one (dataset, model, layer); ``chosen``: structure indices to map
     (None: all). A Ray task."""
-    store = Store(uri)
-    table = read_cumulants(store, dataset, model, layer, order, range(shards))
+    run = Run(uri)
+    table = run.cumulants_table(dataset, model, layer, order, range(shards))
     index = table["structure_index"].to_numpy()
     keep = np.ones(len(index), bool) if chosen is None else np.isin(index, chosen)
     X = features_matrix(table["features"])[keep]
-    structures = store.read_table(store.path("structures", f"dataset={dataset}"), shards,
-                                  columns=["structure_index", "energy", "n_atoms"])
+    structures = run.structures(dataset, ["structure_index", "energy", "n_atoms"], shards)
     info = pd.DataFrame({"structure_index": structures["structure_index"].to_numpy(),
                          "energy": structures["energy"].to_numpy(zero_copy_only=False),
                          "n_atoms": structures["n_atoms"].to_numpy()}).set_index(

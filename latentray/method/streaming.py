@@ -3,7 +3,7 @@
 The rows of ``X`` (source) and ``Y`` (target) arrive in blocks (a dataset shard, a row group)
 that are never held together. Four passes over the blocks, each a set of independent block
 tasks whose small results are tree-reduced (:class:`SerialExecutor` in one process,
-:class:`RayExecutor` as Ray tasks):
+:class:`latentray.analysis.executors.RayExecutor` as Ray tasks):
 
 1. **ids**: the split (:class:`HashSplit` at scale, :class:`IndexSplit` for given index sets)
    sees only the rows' ids and labels, and fixes which rows are test, fold 1, fold 2.
@@ -51,7 +51,7 @@ from .reconstruction import (
 
 __all__ = [
     "TEST", "FOLD1", "FOLD2", "Block", "ArraySource", "BlockSource", "CentredQR", "HashSplit",
-    "IndexSplit", "RayExecutor", "ScaleResult", "SerialExecutor", "reconstruction_at_scale",
+    "IndexSplit", "ScaleResult", "SerialExecutor", "reconstruction_at_scale",
     "linear_cka", "split_keys",
 ]
 
@@ -395,44 +395,8 @@ class SerialExecutor:
         return handles[0]
 
 
-def _one_blas_thread(fn: Callable) -> Callable:
-    def run(*args):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fn(*args)
-
-    run.__name__ = fn.__name__
-    return run
 
 
-class RayExecutor:
-    """Block tasks as Ray tasks (1 CPU and one BLAS thread each); results tree-reduced in tasks."""
-
-    def __init__(self, num_cpus: float = 1):
-        import ray
-
-        self._ray, self._num_cpus = ray, num_cpus
-
-    def _remote(self, fn):
-        return self._ray.remote(num_cpus=self._num_cpus)(_one_blas_thread(fn))
-
-    def put(self, obj):
-        return self._ray.put(obj)
-
-    def map(self, fn, arg_lists):
-        remote = self._remote(fn)
-        return [remote.remote(*args) for args in arg_lists]
-
-    def get(self, handles):
-        return self._ray.get(list(handles))
-
-    def reduce(self, fn, handles, fan_in: int = 8):
-        remote = self._remote(fn)
-        while len(handles) > 1:
-            handles = [remote.remote(*handles[i: i + fan_in])
-                       for i in range(0, len(handles), fan_in)]
-        return self._ray.get(handles[0])
 
 
 # --------------------------------------------------------------------------------------------
