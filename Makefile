@@ -5,20 +5,19 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 CONFIG ?= jobs/configs/demo.yaml
 
-.PHONY: demo test venv family-envs browser experiments clean-outputs
+.PHONY: demo test venv family-envs browser experiments clean-outputs lock
 
-# torch is installed first, pinned: 2.13.0 is the CPU build these machines hold. On a GPU
-# machine install your CUDA build of torch 2.13.0 into .venv first; the pin accepts it.
+# Every environment installs exactly its lock (locks/*.txt, `pip freeze` of an environment
+# built from pyproject.toml's ranges; `make lock` refreshes them): the driver's .venv from
+# locks/driver.txt, each family environment from locks/FAMILY.txt. torch is pinned to 2.13.0
+# (the CPU build these machines hold); on a GPU machine install your CUDA build of torch
+# 2.13.0 into .venv first: the pin accepts it and pip keeps it.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.models: $(BIN)/python pyproject.toml
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[models]"
-	@touch $@
-
-$(VENV)/.test: $(VENV)/.models
-	$(PIP) install -e ".[models,metatomic,orb,uma,test]"
+$(VENV)/.ready: $(BIN)/python locks/driver.txt pyproject.toml
+	$(PIP) install --no-deps -r locks/driver.txt
+	$(PIP) install --no-deps -e .
 	@touch $@
 
 # Families whose dependencies conflict with the driver's run in environments of their own,
@@ -27,22 +26,23 @@ $(VENV)/.test: $(VENV)/.models
 # - mace: mace-torch pins e3nn 0.4.4, SevenNet needs e3nn >= 0.5;
 # - mattersim: its metadata requires torchvision and torchaudio, which it never imports and
 #   whose PyPI builds do not load beside this torch (torchmetrics imports torchvision when it
-#   is present, and fails), so they are removed again.
+#   is present, and fails), so its lock leaves them out (hence --no-deps).
 FAMILY_ENVS := mace mattersim
-RAY_VERSION = $$($(BIN)/python -c 'import ray; print(ray.__version__)')
-.venv-%/.ready: $(VENV)/.models pyproject.toml
+.venv-%/.ready: locks/%.txt pyproject.toml
 	$(PYTHON) -m venv .venv-$*
-	.venv-$*/bin/python -m pip --disable-pip-version-check -q install torch==2.13.0
-	.venv-$*/bin/python -m pip --disable-pip-version-check -q install -e ".[$*]" \
-		"ray[default]==$(RAY_VERSION)"
-	.venv-$*/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio
+	.venv-$*/bin/python -m pip --disable-pip-version-check -q install --no-deps -r locks/$*.txt
+	.venv-$*/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
 	@touch $@
+
+# Refresh the locks from pyproject.toml's ranges (locks/refresh.sh); review, test, commit.
+lock:
+	bash locks/refresh.sh
 
 family-envs: $(FAMILY_ENVS:%=.venv-%/.ready)
 
-venv: $(VENV)/.models
+venv: $(VENV)/.ready
 
-demo: $(VENV)/.models
+demo: $(VENV)/.ready
 	$(BIN)/latentray run $(CONFIG)
 
 # headless Chromium for the report test: Debian's package, installed where this can (root with
@@ -52,12 +52,12 @@ browser:
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "no chromium: the report's browser test will be skipped"
 
-test: $(VENV)/.test family-envs browser
+test: $(VENV)/.ready family-envs browser
 	$(BIN)/python -m pytest
 
 # every experiment of jobs/configs/experiments/ alone, each into outputs/experiments/NAME
 # (the demo runs them all together)
-experiments: $(VENV)/.models
+experiments: $(VENV)/.ready
 	for config in jobs/configs/experiments/*.yaml; do $(BIN)/latentray run $$config || exit 1; done
 
 clean-outputs:

@@ -21,3 +21,18 @@ def layer_matrices(output: Path, model: str | None = None) -> dict[str, np.ndarr
                     for p in (root / f"dataset={dataset}" / f"model={model}").iterdir())
     run = latentray.open(str(output))
     return {layer: run.latents(dataset, model, layer).X for layer in layers}
+
+
+def assert_family_versions_recorded(output: Path) -> None:
+    """Every model of the run recorded its family's distribution and a version (never None),
+    the one installed where its actors ran (checked here for the driver's environment)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for model in latentray.open(str(output)).provenance["models"]:
+        assert model["family_distribution"] and model["family_package_version"], model
+        try:
+            here = version(model["family_distribution"])
+        except PackageNotFoundError:  # installed only in the family's own environment
+            continue
+        if model["family"] not in ("mace", "mattersim"):
+            assert model["family_package_version"] == here, model

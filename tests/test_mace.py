@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import layer_matrices
+from helpers import assert_family_versions_recorded, layer_matrices
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -91,6 +91,10 @@ analyses: {{n_test: 200, layers: [bb], metrics: [gfre], order_metrics: [], basel
     import ray
 
     ray.shutdown()
+
+
+def test_every_family_version_is_recorded(mace_run):
+    assert_family_versions_recorded(mace_run / "out")
 
 
 def test_mace_latents_equal_its_own_get_descriptors(mace_run):

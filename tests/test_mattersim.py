@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import layer_matrices
+from helpers import assert_family_versions_recorded, layer_matrices
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,10 @@ analyses: {{n_test: 100, layers: [bb], metrics: [gfre], order_metrics: [], basel
     import ray
 
     ray.shutdown()
+
+
+def test_every_family_version_is_recorded(mattersim_run):
+    assert_family_versions_recorded(mattersim_run / "out")
 
 
 def test_mattersim_latents_equal_its_own_calculator(mattersim_run):

@@ -98,3 +98,16 @@ def test_unsupported_elements_are_a_structure_error(exported):
     model = load_adapter("metatomic", exported)
     with pytest.raises(StructureError, match="Po"):
         model.prepare(Atoms("Po2", positions=[[0, 0, 0], [0, 0, 2.5]]))
+
+
+def test_describe_records_metatomics_version(exported):
+    """What a unit records: the distribution the adapter declares, at its installed version."""
+    from importlib.metadata import version
+
+    from latentray.config import ModelConfig
+    from latentray.extraction.worker import ExtractionWorker
+
+    d = ExtractionWorker().describe(ModelConfig(id="radial", family="metatomic",
+                                                checkpoint=exported))
+    assert (d.distribution, d.version) == ("metatomic-torch", version("metatomic-torch"))
+    assert "latentray/models/metatomic.py" in d.code

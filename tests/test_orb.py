@@ -9,7 +9,7 @@ import pytest
 from ase import Atoms
 from ase.io import read
 
-from helpers import layer_matrices
+from helpers import assert_family_versions_recorded, layer_matrices
 from latentray.models.orb import pretrained_name
 
 MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
@@ -134,6 +134,7 @@ def test_latentray_run_with_orb_options(small_orb, tmp_path):
         assert main(["run", str(config), "--quiet"]) == 0
     finally:
         ray.shutdown()
+    assert_family_versions_recorded(tmp_path / "out")
     ours = layer_matrices(tmp_path / "out")
     theirs = orb_reference(small_orb, read(MAD, index=":8"))
     assert sorted(ours) == ["bb1", "bb2", "bb3"]

@@ -71,6 +71,37 @@ def job(tmp_path_factory):
     ray.shutdown()
 
 
+def test_the_public_reader_equals_pyarrow_and_duckdb(job):
+    """latentray.open(OUTPUT): latents in dataset order, cumulants side by side, the
+    results tables and the provenance, each against an independent reading."""
+    import latentray
+
+    out, run = job["out"], latentray.open(str(job["out"]))
+    table = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table(
+        filter=(ds.field("model") == "sevennet-0") & (ds.field("layer") == "ll")).to_pandas()
+    table = table.sort_values(["structure_index", "atom_index"])
+    rows = run.latents("slice", "sevennet-0", "ll")
+    np.testing.assert_array_equal(rows.X, np.stack(table.features.to_numpy()))
+    np.testing.assert_array_equal(rows.structure_index, table.structure_index)
+    np.testing.assert_array_equal(rows.atom_index, table.atom_index)
+    np.testing.assert_array_equal(rows.Z, table.Z)
+    assert list(rows.structure_id) == list(table.structure_id)
+    assert not set(rows.structure_index) & {i - FIRST for i in UNKNOWN_TO_SEVENNET}
+    k = run.cumulants("slice", "chgnet-0.3.0", "bb4", order=2)
+    k1, k2 = (duckdb.sql(
+        f"select structure_index, features from read_parquet('{out}/cumulants/dataset=slice/"
+        f"model=chgnet-0.3.0/layer=bb4/order={n}/*.parquet') order by structure_index").df()
+        for n in (1, 2))
+    np.testing.assert_array_equal(k.structure_index, k1.structure_index)
+    np.testing.assert_array_equal(k.X, np.hstack([np.stack(k1.features), np.stack(k2.features)]))
+    assert k.X.shape[1] == 2 * k.width == 2 * 64
+    pd.testing.assert_frame_equal(
+        run.results().drop(columns=["source_order", "target_order"]),
+        pd.read_csv(out / "results" / "reconstruction.csv").drop(
+            columns=["source_order", "target_order"]), check_dtype=False, rtol=1e-9)
+    assert run.provenance == json.loads((out / "run.json").read_text())["provenance"]
+
+
 def test_latents_tree_opens_in_one_call_with_pyarrow_and_duckdb(job):
     out = job["out"]
     table = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table()

@@ -144,3 +144,16 @@ def test_unsupported_elements_are_a_structure_error(small_uma):
     model.prepare(Atoms("Es2", positions=[[0, 0, 0], [0, 0, 2.5]]))  # Z = 99: embedded
     with pytest.raises(StructureError, match="Fm"):  # Z = 100: beyond max_num_elements
         model.prepare(Atoms("Fm2", positions=[[0, 0, 0], [0, 0, 2.5]]))
+
+
+def test_describe_records_fairchems_version(small_uma):
+    """What a unit records: the distribution the adapter declares, at its installed version."""
+    from importlib.metadata import version
+
+    from latentray.config import ModelConfig
+    from latentray.extraction.worker import ExtractionWorker
+
+    d = ExtractionWorker().describe(ModelConfig(id="uma", family="uma", checkpoint=small_uma,
+                                                modality="omat"))
+    assert (d.distribution, d.version) == ("fairchem-core", version("fairchem-core"))
+    assert "latentray/models/uma.py" in d.code and d.layer_widths["ll"] == 16

@@ -87,7 +87,10 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
                            + ("" if path == "in-memory" else " (hash split)"))
 
             if "structure" in a.levels:
-                _cumulant_stage(store, d.name, chosen, n_shards, shard_digests, log)
+                computed, reused = _cumulant_stage(store, d.name, chosen, n_shards,
+                                                   shard_digests, log)
+                info["cumulants_computed"] = info.get("cumulants_computed", 0) + computed
+                info["cumulants_reused"] = info.get("cumulants_reused", 0) + reused
                 if a.maps:
                     if d.name not in sampled:
                         everything = store.read_table(
@@ -221,8 +224,9 @@ def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int
 
 
 def _cumulant_stage(store: Store, dataset: str, chosen: dict[str, str], n_shards: int,
-                    shard_digests: dict[str, list[str]], log) -> None:
-    """Bring the cumulant files of every (model, layer, shard) up to date, as Ray tasks."""
+                    shard_digests: dict[str, list[str]], log) -> tuple[int, int]:
+    """Bring the cumulant files of every (model, layer, shard) up to date, as Ray tasks;
+    return how many shards were computed and how many were already up to date."""
     import ray
 
     task = ray.remote(num_cpus=1)(shard_cumulants)
@@ -235,3 +239,4 @@ def _cumulant_stage(store: Store, dataset: str, chosen: dict[str, str], n_shards
     log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(chosen)} models x "
                    f"{n_shards} shard(s): {computed} computed, {len(futures) - computed} "
                    f"unchanged ({time.perf_counter() - t:.1f} s)")
+    return computed, len(futures) - computed
