@@ -157,8 +157,8 @@ class ModelAdapter(ABC):
                             f"(family {cls.family!r})")
         unknown = sorted(set(options or {}) - cls.option_names)
         if unknown:
-            problems.append(f"options: unknown option(s) {unknown}; family {cls.family!r} understands "
-                            f"{sorted(cls.option_names)}")
+            problems.append(f"options: unknown option(s) {unknown}; family {cls.family!r} "
+                            f"understands {sorted(cls.option_names)}")
         return problems
 
     def __init__(self, checkpoint: str, *, device: str = "cpu", dtype: str = "float32",
