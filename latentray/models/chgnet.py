@@ -67,7 +67,6 @@ class CHGNetAdapter(ModelAdapter):
         from torch import nn
 
         self._torch_dtype = getattr(torch, dtype)
-        self._np_dtype = np.float64 if dtype == "float64" else np.float32
 
         import chgnet
         from chgnet.model import CHGNet

@@ -63,7 +63,6 @@ class SevenNetAdapter(ModelAdapter):
         import torch
 
         self._torch_dtype = getattr(torch, dtype)
-        self._np_dtype = np.float64 if dtype == "float64" else np.float32
 
         import sevenn._keys as KEY
         import sevenn.util as util
