@@ -108,6 +108,17 @@ def _config(tmp_path: Path, output: Path, **model) -> Path:
     return path
 
 
+def test_a_missing_dataset_is_refused_before_anything_is_written(tmp_path):
+    config = _config(tmp_path, tmp_path / "out")
+    raw = yaml.safe_load(config.read_text())
+    raw["datasets"].append({"name": "gone", "path": str(tmp_path / "gone.xyz")})
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "latentray.cli", "run", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "datasets[1] (gone).path: no file matches" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model, words", [
     ({"family": "chgent"}, ["models[0] (m).family", "'chgent'", "'chgnet'", "'sevenn'"]),
     ({"dtype": "float16"}, ["models[0] (m).dtype", "'float16'", "['float32', 'float64']"]),

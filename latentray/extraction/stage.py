@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..config import Config, ConfigError
-from ..datasets import iter_shards
+from ..datasets import DatasetError, iter_shards, resolve_paths
 from ..records import DatasetCounts, ExtractionSummary, ModelDescription, UnitTotals
 from ..shards import write_shard_tables
 from ..store import Store
@@ -205,8 +205,14 @@ def read_datasets(config: Config, store: Store, ray, log, limit: int | None = No
 
 def run_extraction(config: Config, store: Store, ray, log,
                    limit: int | None = None) -> ExtractionSummary:
-    """Describe the models, read the datasets, run every pending (shard, model) unit."""
+    """Check the datasets' paths, describe the models, read the datasets, run every pending
+    (shard, model) unit."""
     e = config.extraction
+    for i, d in enumerate(config.datasets):
+        try:
+            resolve_paths(d.path)
+        except DatasetError as exc:
+            raise ConfigError(f"{config.source}: datasets[{i}] ({d.name}).path: {exc}") from None
     descriptions, layers = describe_models(config, ray, log)
     shards, counts = read_datasets(config, store, ray, log, limit)
     worker_cls = _worker_class(config, ray)
