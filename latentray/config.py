@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
+from .method import METRICS
 from .models.base import layer_name_problem
 from .store import INPUT
 
 from .datasets import FORMATS as DATASET_FORMATS
 from .datasets import Filters
-METRICS = ("gfre", "gfrd", "lfre", "cka")
 LEVELS = ("atom", "structure")
 BASELINES = ("mean", "sum")
 MAPS = ("pca", "pcovr")

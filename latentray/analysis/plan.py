@@ -51,3 +51,11 @@ def concrete_layer(name: str, available: list[str]) -> str | None:
         return resolve_layers([name], available)[0]
     except (ValueError, IndexError):
         return None
+
+
+def fit_path(n_atoms: int, widths, in_memory_limit_mb: int) -> tuple[str, float]:
+    """``("in-memory" | "streaming", size in MB)``: the fits of some layers stream from
+    Parquet when their latents (``n_atoms`` rows of every width, as float32) exceed
+    ``analyses.in_memory_limit_mb``."""
+    size_mb = n_atoms * sum(widths) * 4 / 2**20
+    return ("in-memory" if size_mb <= in_memory_limit_mb else "streaming"), size_mb

@@ -26,7 +26,7 @@ from .cumulant_stage import shard_cumulants
 from .fit_cache import cumulant_code, digest, fit_code, fit_key, read_fits, write_fits
 from .fits import _in_memory_launchers, _streaming_launcher, fit_in_memory
 from .maps import MAP_COLUMNS, model_map, sample
-from .plan import Comparison, comparisons, concrete_layer
+from .plan import Comparison, comparisons, concrete_layer, fit_path
 
 
 def _failed(store: Store, dataset: str, model: str) -> np.ndarray:
@@ -78,8 +78,8 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
             chosen = {m: layer for m, layer in chosen.items() if layer is not None}
             present = list(chosen)
             widths = {m: extraction.width(m, chosen[m]) for m in present}
-            size_mb = extraction.datasets[d.name].atoms * sum(widths.values()) * 4 / 2**20
-            path = "in-memory" if size_mb <= a.in_memory_limit_mb else "streaming"
+            path, size_mb = fit_path(extraction.datasets[d.name].atoms, widths.values(),
+                                     a.in_memory_limit_mb)
             info["paths"][f"{d.name}/{layer_name}"] = path
             log("analyse", f"{d.name} layer {layer_name}: {size_mb:.0f} MB of latents "
                            f"({len(present)} models) {'<=' if path == 'in-memory' else '>'} "
@@ -194,8 +194,8 @@ def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int
         return
     sides = {layer: (model, layer) for layer in backbone + ["ll"]}
     widths = extraction.descriptions[model].layer_widths
-    size_mb = extraction.datasets[d.name].atoms * sum(widths[k] for k in sides) * 4 / 2**20
-    path = "in-memory" if size_mb <= a.in_memory_limit_mb else "streaming"
+    path, _ = fit_path(extraction.datasets[d.name].atoms, [widths[k] for k in sides],
+                       a.in_memory_limit_mb)
     info["paths"][f"{d.name}/{model}/{LAYER_ANALYSIS}"] = path
     atoms = Comparison("atom", "atoms")
     if path == "in-memory":

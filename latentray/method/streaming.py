@@ -36,6 +36,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from . import METRICS
 from .reconstruction import (
     DEFAULT_ALPHAS,
     DEFAULT_RANDOM_STATE,
@@ -484,7 +485,7 @@ def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
     """
     executor = executor or SerialExecutor()
     metrics = tuple(metrics)
-    unknown = set(metrics) - {"gfre", "gfrd", "lfre", "cka"}
+    unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}")
     src = executor.put(source)
