@@ -187,6 +187,35 @@ def test_failed_units_are_recorded_kept_apart_and_redone(tmp_path):
     assert status.returncode == 0 and "failed (" not in status.stdout
 
 
+def test_status_names_what_made_each_unit_stale(tmp_path):
+    """``latentray status --config``: each input of a unit, changed, is named; ``--json``."""
+    output = tmp_path / "out"
+    config = toy_config(tmp_path, output, {"toy-a": {}, "toy-b": {}}, limit=20, shard_size=10)
+    assert cli("run", str(config), "--quiet").returncode == 0
+    raw = yaml.safe_load(config.read_text())
+    moved = tmp_path / "moved.json"  # the same weights under another name
+    moved.write_text((tmp_path / "toy-a.json").read_text())
+    changes = {"dtype": {"dtype": "float64"}, "layers": {"layers": ["bb1"]},
+               "checkpoint": {"checkpoint": str(moved)}}
+    for reason, change in changes.items():
+        changed = tmp_path / f"{reason}.yaml"
+        changed.write_text(yaml.safe_dump({**raw, "models": [{**raw["models"][0], **change},
+                                                             raw["models"][1]]}))
+        done = cli("status", str(output), "--config", str(changed), "--json")
+        assert done.returncode == 1, done.stderr[-2000:]
+        units = json.loads(done.stdout)["units"]
+        assert [(u["model"], u["shard"], u["state"]) for u in units] == [
+            ("toy-a", 0, "stale"), ("toy-b", 0, "done"), ("toy-a", 1, "stale"),
+            ("toy-b", 1, "done")]
+        assert all(u["detail"] == f"changed since it ran: {reason}"
+                   for u in units if u["model"] == "toy-a"), units
+    done = cli("status", str(output), "--config", str(config), "--json")
+    assert done.returncode == 0
+    report = json.loads(done.stdout)
+    assert {u["state"] for u in report["units"]} == {"done"}
+    assert report["fits"]["cached"] > 0 and report["fits"]["stale"] == {}
+
+
 def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupted_run(tmp_path):
     slow = {"seconds_per_batch": 0.15}
     config = toy_config(tmp_path, tmp_path / "out", {"toy-a": slow, "toy-b": slow},

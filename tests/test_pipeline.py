@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -296,6 +297,8 @@ def test_report_opens_in_a_browser_with_every_figure(job):
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
+        if os.environ.get("CI"):  # `make test` installs it there: its absence is a failure
+            pytest.fail("no chromium on the CI machine: `make browser` should have installed it")
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
     out = job["out"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, ExtractionConfig
 from ..datasets import DatasetError, iter_shards, resolve_paths
 from ..records import DatasetCounts, ExtractionSummary, ModelDescription, UnitTotals
 from ..shards import write_shard_tables
@@ -62,17 +62,16 @@ def environment_groups(config: Config) -> list[tuple[dict | None, list]]:
     return list(groups.values())
 
 
-def _n_actors(config: Config, ray, pending: int) -> int:
-    """``extraction.actors``, or as many extraction actors as the cluster's resources hold
-    now, each with its CPUs, its GPUs and its graph builders' CPUs."""
-    e = config.extraction
+def n_actors(e: ExtractionConfig, resources: dict[str, float], pending: int) -> int:
+    """``extraction.actors``, or as many extraction actors as ``resources`` (the cluster's,
+    now) hold, each with its CPUs, its GPUs and its graph builders' CPUs; never more than the
+    ``pending`` units, never fewer than one."""
     if e.actors:
         n = e.actors
     else:
-        res = ray.cluster_resources()
-        n = int(res.get("CPU", 1) // (e.cpus_per_actor + e.graph_builders))
+        n = int(resources.get("CPU", 1) // (e.cpus_per_actor + e.graph_builders))
         if e.gpus_per_actor:
-            n = min(n, int(res.get("GPU", 0) // e.gpus_per_actor))
+            n = min(n, int(resources.get("GPU", 0) // e.gpus_per_actor))
     return max(1, min(n, max(pending, 1)))
 
 
@@ -144,7 +143,8 @@ def describe_models(config: Config, ray, log) -> tuple[dict[str, ModelDescriptio
         for runtime_env, models in environment_groups(config):
             actors = [worker_cls.options(runtime_env=runtime_env).remote(
                 torch_threads=config.extraction.cpus_per_actor)
-                for _ in range(_n_actors(config, ray, len(models)))]
+                for _ in range(n_actors(config.extraction, ray.cluster_resources(),
+                                        len(models)))]
             futures = [actors[i % len(actors)].describe.remote(m) for i, m in enumerate(models)]
             try:
                 for m, future in zip(models, futures):
@@ -240,7 +240,7 @@ def run_extraction(config: Config, store: Store, ray, log,
                            f"matches), 0 to run")
             continue
         slots = [_start_slot(worker_cls, config, runtime_env)
-                 for _ in range(_n_actors(config, ray, len(todo)))]
+                 for _ in range(n_actors(config.extraction, ray.cluster_resources(), len(todo)))]
         if runtime_env:
             log("extract", f"{', '.join(m.id for m in models)}: {len(slots)} actor(s) in the "
                            f"environment of family {models[0].family!r}")
