@@ -190,7 +190,3 @@ class Run:
         run = self.summary
         return None if run is None else run["provenance"]
 
-
-def open_run(output: str | Store) -> Run:
-    """The outputs under ``output`` (a path or a pyarrow URI)."""
-    return Run(output)

@@ -218,8 +218,6 @@ def _ran(before: dict[str, int], after: dict[str, int]) -> set[str]:
 @pytest.mark.slow
 def test_a_rerun_redoes_exactly_the_work_that_depends_on_what_changed(tmp_path):
     job = Job(tmp_path)
-    where = job.cli("run", "--help")  # the copy is the one imported
-    assert where.returncode == 0
     probe = subprocess.run([sys.executable, "-c", "import latentray; print(latentray.__file__)"],
                            env=job.env, cwd=job.src, capture_output=True, text=True)
     assert probe.stdout.strip().startswith(str(job.src))

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..codehash import changed_code
+from ..models.base import resolve_layers
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -102,13 +103,6 @@ def read_entry(store: "Store", dataset: str, model: str, shard: int) -> Manifest
 _OUTDATED = ManifestEntry(inputs=None, requested_layers=(), layer_widths={})  # type: ignore
 
 
-def resolved_layers(requested, available) -> tuple[str, ...]:
-    """The concrete layers that ``requested`` names (see :meth:`ModelAdapter.resolve`)."""
-    from ..models.base import resolve_layers
-
-    return tuple(resolve_layers(requested, list(available)))
-
-
 def explain(entry: ManifestEntry | None, current: dict[str, Any],
             store: "Store | None" = None) -> tuple[str, str]:
     """``(state, why)`` of a unit: ``done``, ``pending``, ``failed`` or ``stale``.
@@ -125,8 +119,8 @@ def explain(entry: ManifestEntry | None, current: dict[str, Any],
     current = dict(current)
     if "requested_layers" in current:
         try:
-            current["layers"] = resolved_layers(current.pop("requested_layers"),
-                                                entry.layer_widths)
+            current["layers"] = tuple(resolve_layers(current.pop("requested_layers"),
+                                                     list(entry.layer_widths)))
         except ValueError as exc:
             return "stale", f"layers: {exc}"
     changed = []

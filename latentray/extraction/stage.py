@@ -21,10 +21,11 @@ from typing import Any
 
 from ..config import Config, ConfigError, ExtractionConfig
 from ..datasets import DatasetError, iter_shards, resolve_paths
+from ..models.base import resolve_layers
 from ..records import DatasetCounts, ExtractionSummary, ModelDescription, UnitTotals
 from ..shards import write_shard_tables
 from ..store import Store
-from .manifest import ManifestEntry, UnitInputs, explain, read_entry, resolved_layers
+from .manifest import ManifestEntry, UnitInputs, explain, read_entry
 from .worker import ExtractionWorker
 
 class UnitsFailed(RuntimeError):
@@ -157,8 +158,8 @@ def describe_models(config: Config, ray, log) -> tuple[dict[str, ModelDescriptio
                                           f"checkpoint {m.checkpoint!r} as configured: "
                                           f"{type(cause).__name__}: {cause}") from None
                     try:
-                        layers[m.id] = resolved_layers(m.layers,
-                                                       descriptions[m.id].layer_widths)
+                        layers[m.id] = tuple(resolve_layers(
+                            m.layers, list(descriptions[m.id].layer_widths)))
                     except ValueError as exc:
                         raise ConfigError(f"{where}.layers: {exc}") from None
             finally:
