@@ -28,6 +28,11 @@ DATA = Path(__file__).parent / "data"
 # MAD structures 280..399: four of them hold Po or Rn, which SevenNet-0 does not know
 FIRST, LAST = 280, 400
 UNKNOWN_TO_SEVENNET = {291: "Po", 318: "Po", 370: "Po", 394: "Rn"}
+COMMON = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
+METRICS = ("gfre", "gfrd", "lfre", "cka")
+LAYER = {"chgnet-0.3.0": "bb4", "sevennet-0": "bb5"}  # the concrete layers of "bb"
+WIDTH = {"chgnet-0.3.0": 64, "sevennet-0": 128}
+PAIRS = [("chgnet-0.3.0", "sevennet-0"), ("sevennet-0", "chgnet-0.3.0")]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,8 @@ def job(tmp_path_factory):
             {"id": "sevennet-0", "family": "sevenn", "checkpoint": "7net-0", "layers": ["bb", "ll"]},
         ],
         "extraction": {"shard_size": 50, "batch_atoms": 400},
-        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2, "order_metrics": ["gfre"],
-                     "layer_metrics": ["gfre"]},
+        "analyses": {"n_test": 300, "layers": ["bb"], "order": 2, "metrics": list(METRICS),
+                     "order_metrics": ["gfre"], "layer_metrics": ["gfre"]},
     }, source="test")
     first = run(config, quiet=True)
     csv_first = (root / "out" / "results" / "reconstruction.csv").read_bytes()
@@ -60,15 +65,17 @@ def job(tmp_path_factory):
     third = run(config, quiet=True)
     csv_third = (root / "out" / "results" / "reconstruction.csv").read_bytes()
     report_third = (root / "out" / "report.html").read_text()
+    groups_third = (root / "out" / "results" / "by_group.csv").read_bytes()
     order_figures = sorted(p.name for p in (root / "out" / "figures").glob("*_orders_*.png"))
     # the same job forced onto the streaming path, with every metric and a second split seed
     streaming = run(dataclasses.replace(config, analyses=dataclasses.replace(
-        config.analyses, in_memory_limit_mb=0, metrics=("gfre", "gfrd", "lfre", "cka"),
+        config.analyses, in_memory_limit_mb=0, metrics=METRICS,
         spread_seeds=(1,), baselines=("sum",), order_metrics=())), quiet=True)
     yield {"config": config, "out": root / "out", "first": first, "second": second,
            "third": third, "frames": frames, "csv_first": csv_first, "csv_third": csv_third,
            "in_memory": pd.read_csv(io.BytesIO(csv_third)), "streaming": streaming,
-           "report_third": report_third, "order_figures": order_figures}
+           "report_third": report_third, "order_figures": order_figures,
+           "groups_third": pd.read_csv(io.BytesIO(groups_third), keep_default_na=False)}
     ray.shutdown()
 
 
@@ -148,34 +155,6 @@ def _skmatter_rows(out, model, layer, common):
     return np.stack(t["features"].to_numpy()).astype(np.float64), t
 
 
-def test_atom_level_numbers_equal_skmatter_on_the_same_rows(job):
-    from skmatter.metrics import global_reconstruction_error, local_reconstruction_error
-
-    out = job["out"]
-    results = job["in_memory"]
-    common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
-    X, tx = _skmatter_rows(out, "chgnet-0.3.0", "bb4", common)
-    Y, ty = _skmatter_rows(out, "sevennet-0", "bb5", common)
-    assert (tx.Z.to_numpy() == ty.Z.to_numpy()).all()
-    subsets = {i: a.info["subset"] for i, a in enumerate(job["frames"])}
-    labels = tx.structure_index.map(subsets).to_numpy()
-    train, test = train_test_split(np.arange(len(X)), test_size=300, random_state=0,
-                                   stratify=labels)
-    expected = {
-        ("gfre", "chgnet-0.3.0"): global_reconstruction_error(X, Y, test_idx=test, train_idx=train),
-        ("gfre", "sevennet-0"): global_reconstruction_error(Y, X, test_idx=test, train_idx=train),
-        ("lfre", "chgnet-0.3.0"): local_reconstruction_error(X, Y, 64, test_idx=test,
-                                                             train_idx=train),
-        ("lfre", "sevennet-0"): local_reconstruction_error(Y, X, 64, test_idx=test,
-                                                           train_idx=train),
-    }
-    atom = results[(results.level == "atom") & (results.layers == "bb")]
-    assert len(atom) == 4
-    for row in atom.itertuples():
-        assert row.n_test == 300 and row.n_train == len(X) - 300 and row.n_left_out == 4
-        assert row.value == pytest.approx(expected[(row.metric, row.source)], rel=1e-8, abs=1e-10)
-
-
 def _cumulants(out, model):
     """One row per structure (index, id, subset, n_atoms) and [k1 .. k8] side by side, read
     from the order=N partitions with pyarrow."""
@@ -250,6 +229,273 @@ def test_structure_level_uses_the_papers_cumulants(job):
             full[:, :64 * n], full[:, :64 * m], test_idx=test, train_idx=train), rel=1e-8)
 
 
+# --------------------------------------------------------------------------------------------
+# every number of the job against scikit-matter (and numpy for CKA) on the job's own rows
+
+
+def _pair_rows(job, level, source, target):
+    """``X``, ``Y`` (float64) of the rows the pair compares at ``level``, read back with
+    pyarrow, and per row its ids and its labels as ASE reads the structure (element, subset)."""
+    out, frames = job["out"], job["frames"]
+    if level == "atom":
+        (X, tx), (Y, ty) = (_skmatter_rows(out, m, LAYER[m], COMMON) for m in (source, target))
+        assert (tx.Z.to_numpy() == ty.Z.to_numpy()).all()
+        s, k = tx.structure_index.to_numpy(), tx.atom_index.to_numpy()
+        rows = pd.DataFrame({"structure_id": tx.structure_id.to_numpy(), "atom_index": k,
+                             "element": [frames[i].get_chemical_symbols()[j]
+                                         for i, j in zip(s, k)]})
+    else:  # the structure features of order 2: [k1 k2] of each side
+        (tx, X), (_, Y) = ((t.loc[COMMON], F[np.searchsorted(t.index, COMMON), :2 * WIDTH[m]])
+                           for m in (source, target) for t, F in [_cumulants(out, m)])
+        s = np.asarray(COMMON)
+        rows = pd.DataFrame({"structure_id": tx.structure_id.to_numpy(),
+                             "atom_index": np.full(len(s), -1)})
+    rows["subset"] = [frames[i].info["subset"] for i in s]
+    return X.astype(np.float64), Y.astype(np.float64), rows
+
+
+def _paper_split(rows, level, seed=0):
+    """The in-memory path's split, drawn here with sklearn: (train, test, folds=None)."""
+    n_test = 300 if level == "atom" else len(rows) // 2  # < 2000 structures: half
+    train, test = train_test_split(np.arange(len(rows)), test_size=n_test, random_state=seed,
+                                   stratify=rows.subset.to_numpy())
+    return train, test, None
+
+
+def _hash_split(rows, level, seed):
+    """The streaming path's split of these rows (test rows, and the two training folds) as
+    latentray's HashSplit assigns them from the ids: (train, test, (fold 1, fold 2) as
+    positions in ``train``)."""
+    from latentray.method.streaming import FOLD1, FOLD2, TEST, Block, HashSplit
+
+    split = HashSplit(300, seed=seed, stratified=True, at_most_half=level == "structure")
+    ids = {"structure_id": rows.structure_id.to_numpy(), "atom_index": rows.atom_index.to_numpy(),
+           "stratum": rows.subset.to_numpy(dtype=object)}
+    split.resolve(split.summarise(ids))
+    labels = split.labels(Block(X=None, Y=None, row=np.arange(len(rows)), ids=ids))
+    fold1, fold2, test = (np.flatnonzero(labels == v) for v in (FOLD1, FOLD2, TEST))
+    folds = (np.arange(len(fold1)), len(fold1) + np.arange(len(fold2)))
+    return np.concatenate([fold1, fold2]), test, folds
+
+
+def _gram_cka(X, Y):
+    """Linear CKA from the centred Gram matrices (Kornblith et al. 2019, eq. 1 with HSIC):
+    ``tr(K L) / sqrt(tr(K K) tr(L L))``, K and L of the centred rows."""
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    K, L = X @ X.T, Y @ Y.T
+    return float(np.sum(K * L) / np.sqrt(np.sum(K * K) * np.sum(L * L)))
+
+
+def _skmatter(X, Y, train, test, folds):
+    """Every measure by scikit-matter's pointwise functions on these rows (its default
+    estimator; with ``folds``, the same Ridge2FoldCV on those two training folds) and CKA by
+    :func:`_gram_cka` on the training rows: ({metric: value}, {metric: per test row})."""
+    from skmatter.linear_model import Ridge2FoldCV
+    from skmatter.metrics import (
+        pointwise_global_reconstruction_distortion,
+        pointwise_global_reconstruction_error,
+        pointwise_local_reconstruction_error,
+    )
+
+    def estimator():
+        return None if folds is None else Ridge2FoldCV(
+            alphas=np.geomspace(1e-9, 0.9, 20), alpha_type="relative",
+            regularization_method="cutoff", cv=[folds],
+            scoring="neg_root_mean_squared_error", n_jobs=1)
+
+    pointwise = {
+        "gfre": pointwise_global_reconstruction_error(X, Y, train_idx=train, test_idx=test,
+                                                      estimator=estimator()),
+        # skmatter's GFRD needs dy >= dx: Y padded with zero columns (the same distortion)
+        "gfrd": pointwise_global_reconstruction_distortion(
+            X, np.pad(Y, ((0, 0), (0, max(0, X.shape[1] - Y.shape[1])))), train_idx=train,
+            test_idx=test, estimator=estimator()),
+        "lfre": pointwise_local_reconstruction_error(
+            X, Y, min(X.shape[1], Y.shape[1], len(train)), train_idx=train, test_idx=test),
+    }
+    values = {m: float(np.linalg.norm(e) / np.sqrt(len(e))) for m, e in pointwise.items()}
+    values["cka"] = _gram_cka(X[train], Y[train])
+    return values, pointwise
+
+
+def _results_of(results, level, source, seed):
+    features = "atoms" if level == "atom" else "cumulants"
+    rows = results[(results.layers == "bb") & (results.level == level)
+                   & (results.features == features) & (results.source == source)
+                   & (results.target != source) & (results.seed == seed)]
+    assert sorted(rows.metric) == sorted(METRICS)
+    return rows.set_index("metric")
+
+
+CASES = [(level, source, target) for level in ("atom", "structure") for source, target in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def references(job):
+    """scikit-matter's numbers for every ordered pair and level, on the in-memory path's split
+    (seed 0) and on the streaming path's hash split (seeds 0 and 1)."""
+    out = {}
+    for level, source, target in CASES:
+        X, Y, rows = _pair_rows(job, level, source, target)
+        for path, seed, split in [("in-memory", 0, _paper_split), ("streaming", 0, _hash_split),
+                                  ("streaming", 1, _hash_split)]:
+            train, test, folds = split(rows, level, seed)
+            values, pointwise = _skmatter(X, Y, train, test, folds)
+            out[path, seed, level, source] = {"values": values, "pointwise": pointwise,
+                                              "rows": rows.iloc[test], "n_train": len(train),
+                                              "split": (train, test, folds)}
+    return out
+
+
+@pytest.mark.parametrize("level,source,target", CASES)
+def test_every_measure_of_every_pair_equals_skmatter_on_the_jobs_rows(job, references, level,
+                                                                      source, target):
+    """GFRE, GFRD, LFRE and CKA of both ordered pairs of a CHGNet and a SevenNet (which
+    cannot process 4 of the structures), atom and structure level: the in-memory run and the
+    streamed run (two split seeds) each equal scikit-matter (numpy for CKA) on the rows read
+    back from Parquet and on the job's own split, to 1e-8."""
+    streamed = pd.read_csv(job["out"] / "results" / "reconstruction.csv")
+    for path, seed, results in [("in-memory", 0, job["in_memory"]), ("streaming", 0, streamed),
+                                ("streaming", 1, streamed)]:
+        ref = references[path, seed, level, source]
+        got = _results_of(results, level, source, seed)
+        assert set(got.target) == {target} and set(got.path) == {path}
+        assert (got.n_test == len(ref["rows"])).all() and (got.n_train == ref["n_train"]).all()
+        assert (got.n_left_out == 4).all() and (got.n_structures == len(COMMON)).all()
+        for metric in METRICS:
+            assert got.value[metric] == pytest.approx(ref["values"][metric], rel=1e-8,
+                                                      abs=1e-12), (path, seed, metric)
+
+
+@pytest.mark.parametrize("level,source,target", CASES)
+def test_both_paths_agree_on_the_same_split(job, references, level, source, target):
+    """The streaming engine over the job's Parquet shards (PairSource), given the in-memory
+    path's split with skmatter's folds, gives the in-memory run's numbers."""
+    from latentray.analysis.blocks import PairSource
+    from latentray.method.streaming import IndexSplit, reconstruction_at_scale
+
+    train, test, _ = references["in-memory", 0, level, source]["split"]
+    atoms = level == "atom"
+    source_ = PairSource(str(job["out"]), "slice", (source, LAYER[source]),
+                         (target, LAYER[target]), shards=[0, 1, 2],
+                         kind="latents" if atoms else "cumulants",
+                         orders=(1, 1) if atoms else (2, 2))
+    n_rows = len(train) + len(test)
+    streamed = reconstruction_at_scale(source_, IndexSplit(n_rows, train, test), METRICS)
+    memory = _results_of(job["in_memory"], level, source, 0)
+    for metric in METRICS:
+        assert streamed.values[metric] == pytest.approx(memory.value[metric], rel=1e-9)
+
+
+def test_in_memory_cka_equals_the_gram_matrix_definition(job):
+    """``fits.in_memory_cka`` (from the R factor of ``[X | Y]``) equals CKA from Gram
+    matrices on the job's atom features, and is invariant as CKA must be: to an orthogonal
+    map, an isotropic scale and a shift of either side; CKA(X, X) = 1; symmetric."""
+    from scipy.stats import ortho_group
+
+    from latentray.analysis.fits import in_memory_cka
+
+    X, Y, _ = _pair_rows(job, "atom", *PAIRS[0])
+    assert in_memory_cka(X, Y) == pytest.approx(_gram_cka(X, Y), rel=1e-10)
+    Q = ortho_group.rvs(X.shape[1], random_state=0)
+    assert in_memory_cka(3.5 * X @ Q + 7.0, Y) == pytest.approx(in_memory_cka(X, Y), rel=1e-10)
+    assert in_memory_cka(Y, X) == pytest.approx(in_memory_cka(X, Y), rel=1e-12)
+    assert in_memory_cka(X, X) == pytest.approx(1.0, rel=1e-12)
+    assert 0.0 < in_memory_cka(X, Y) < 1.0
+
+
+def _group_reference(ref, kind):
+    """RMS of scikit-matter's pointwise errors over the test rows of each group (ASE's
+    element symbols, the structures' subsets): {metric: Series by group}, and the counts."""
+    labels = ref["rows"][kind].to_numpy()
+    return ({m: (pd.Series(e ** 2).groupby(labels).mean() ** 0.5)
+             for m, e in ref["pointwise"].items()}, pd.Series(labels).value_counts())
+
+
+@pytest.mark.parametrize("level,source,target", CASES)
+def test_per_element_and_per_subset_errors_equal_skmatters_pointwise_errors(
+        job, references, level, source, target):
+    """``results/by_group.csv`` of both paths: per element (atom level) and per subset, GFRE
+    and LFRE (and GFRD) as the RMS of scikit-matter's pointwise errors of the group's test
+    rows, the groups taken from ASE's reading of the structures; the groups' sizes add up to
+    the test set and their mean squares, weighted, give the total back."""
+    streamed = pd.read_csv(job["out"] / "results" / "by_group.csv", keep_default_na=False)
+    totals = pd.read_csv(job["out"] / "results" / "reconstruction.csv")
+    kinds = ["element", "subset"] if level == "atom" else ["subset"]
+    features = "atoms" if level == "atom" else "cumulants"
+    for path, seed, groups, results in [("in-memory", 0, job["groups_third"], job["in_memory"]),
+                                        ("streaming", 1, streamed, totals)]:
+        ref = references[path, seed, level, source]
+        mine = groups[(groups.level == level) & (groups.features == features)
+                      & (groups.source == source) & (groups.target != source)
+                      & (groups.seed == seed) & (groups.layers == "bb")]
+        assert set(mine.path) == {path} and set(mine.metric) == {"gfre", "gfrd", "lfre"}
+        total = _results_of(results, level, source, seed).value
+        for kind in kinds:
+            expected, counts = _group_reference(ref, kind)
+            for metric in ("gfre", "gfrd", "lfre"):
+                sub = mine[(mine.group_kind == kind) & (mine.metric == metric)].set_index("group")
+                assert sorted(sub.index) == sorted(expected[metric].index)
+                np.testing.assert_allclose(sub.loc[expected[metric].index, "value"],
+                                           expected[metric].values, rtol=1e-8)
+                assert (sub.n_test == counts.loc[sub.index]).all()
+                n = sub.n_test.sum()
+                assert n == len(ref["rows"])
+                assert np.sqrt((sub.n_test * sub.value ** 2).sum() / n) == pytest.approx(
+                    total[metric], rel=1e-9)
+
+
+def _printed(value, decimals):
+    """A number as the report prints it (``%.{decimals}f``), read back as a float."""
+    return float(f"{value:.{decimals}f}")
+
+
+def _cells(column) -> list:
+    """A parsed table column as floats (None where the cell is empty)."""
+    return [None if pd.isna(v) else float(v) for v in column]
+
+
+def test_the_reports_tables_equal_the_results_at_their_printed_precision(job):
+    """The in-memory run's report, parsed with pandas.read_html, against the CSVs it came
+    from: "All numbers" row for row at the 4 decimals it prints; every per-group table (each
+    subset, the worst elements, per pair) at its 3, found by its heading."""
+    import re
+
+    page = job["report_third"]
+    results = job["in_memory"]
+    (everything,) = [t for t in pd.read_html(io.StringIO(page))
+                     if list(t.columns) == list(results.columns)]
+    assert len(everything) == len(results)
+    for column in results.columns:
+        if results[column].dtype.kind == "f":
+            assert _cells(everything[column]) == [
+                None if pd.isna(v) else _printed(v, 4) for v in results[column]], column
+        else:
+            assert everything[column].astype(str).tolist() == \
+                results[column].astype(str).tolist(), column
+    names = {"GFRE": "gfre", "GFRD": "gfrd", "LFRE": "lfre", "linear CKA": "cka"}
+    groups = job["groups_third"]
+    groups = groups[(groups.seed == 0) & (groups.source != groups.target)
+                    & groups.features.isin(["atoms", "cumulants"])]
+    sections = re.findall(r"<h3>(\S+) by (\w+), (\w+) level, layer (\S+), (\S+)</h3>(<table.*?</table>)",
+                          page, flags=re.S)
+    assert len(sections) == 3 * (2 + 1)  # gfre, gfrd, lfre x (atom: element, subset; structure)
+    checked = 0
+    for metric, kind, level, layers, dataset, table_html in sections:
+        (table,) = pd.read_html(io.StringIO(table_html))
+        sub = groups[(groups.metric == names[metric]) & (groups.group_kind == kind)
+                     & (groups.level == level) & (groups.layers == layers)
+                     & (groups.dataset == dataset)]
+        assert len(table) == min(sub.group.nunique(), 10 if kind == "element" else 10**6)
+        for _, row in table.iterrows():
+            mine = sub[sub.group == str(row["group"])]
+            assert int(row["n"]) == int(mine.n_test.iloc[0])
+            for r in mine.itertuples():
+                assert float(row[f"{r.source} → {r.target}"]) == _printed(r.value, 3)
+                checked += 1
+    assert checked > 100
+
+
 def test_rerun_does_no_extraction_and_gives_identical_results(job):
     first, second = job["first"]["extraction"], job["second"]["extraction"]
     assert first["ran"] == 2 * 3 and first["skipped"] == 0  # 120 structures, shards of 50
@@ -260,8 +506,8 @@ def test_rerun_does_no_extraction_and_gives_identical_results(job):
     assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
     assert job["third"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8 + 6
     csv = job["csv_third"]
-    # header, gfre+lfre between, gfre within (orders), gfre within (layers)
-    assert csv.count(b"\n") == 1 + 2 * 4 * 2 + 2 * 8 + 6
+    # header, 4 metrics between (atoms, cumulants, mean, sum), gfre within (orders, layers)
+    assert csv.count(b"\n") == 1 + 4 * 2 * 4 + 2 * 8 + 6
     assert csv == job["csv_first"]  # the third run fitted again from the latents: same bytes
 
 
@@ -335,76 +581,11 @@ def test_cli_refuses_a_bad_config_with_a_message(tmp_path, capsys):
     assert "datasets[0].format: 'cif' is not supported" in capsys.readouterr().err
 
 
-def _hash_split_reference(out, frames, level, source, target, seed, n_test, metrics,
-                          features="cumulants"):
-    """The streaming path's numbers, recomputed from rows read back with pyarrow: the same
-    engine on in-memory arrays (its equality with skmatter on given index sets is tested in
-    test_streaming.py)."""
-    from latentray.method.streaming import ArraySource, HashSplit, reconstruction_at_scale
-
-    common = [i for i in range(LAST - FIRST) if i + FIRST not in UNKNOWN_TO_SEVENNET]
-    layer = {"chgnet-0.3.0": "bb4", "sevennet-0": "bb5"}
-    width = {"chgnet-0.3.0": 64, "sevennet-0": 128}
-    if level == "atom":
-        (X, tx), (Y, _) = (_skmatter_rows(out, m, layer[m], common) for m in (source, target))
-        atom_index = tx.atom_index.to_numpy()
-        ids = tx.structure_id.to_numpy()
-        subset = tx.structure_index.map(lambda i: frames[i].info["subset"]).to_numpy()
-        groups = {"Z": tx.Z.to_numpy(), "subset": subset}
-    else:
-        def matrix(model):
-            t, F = _cumulants(out, model)
-            rows = np.searchsorted(t.index.to_numpy(), common)
-            t, F = t.iloc[rows], F[rows]
-            if features == "sum":  # k1 (the mean) times the atom count
-                return t, F[:, :width[model]] * t.n_atoms.to_numpy()[:, None]
-            return t, F[:, :2 * width[model]]
-        (tx, X), (_, Y) = matrix(source), matrix(target)
-        ids, atom_index = tx.structure_id.to_numpy(), np.full(len(tx), -1)
-        subset = tx.subset.to_numpy()
-        groups = {"subset": subset}
-    split = HashSplit(n_test, seed=seed, stratified=True, at_most_half=level == "structure")
-    return reconstruction_at_scale(
-        ArraySource(X, Y, block_rows=997, structure_id=ids, atom_index=atom_index,
-                    stratum=subset, groups=groups), split, metrics), split
-
-
-def test_streaming_path_matches_the_engine_on_rows_read_back(job):
-    assert job["streaming"]["analysis"]["paths"] == {
-        "slice/bb": "streaming", "slice/chgnet-0.3.0/ll-vs-bb": "streaming",
-        "slice/sevennet-0/ll-vs-bb": "streaming"}
-    # pairs x (atoms, cumulants, sum pooling) x seeds; layers: (bb3, bb4 <-> ll; bb5 <-> ll) x seeds
-    assert job["streaming"]["analysis"]["fits_run"] == 2 * 3 * 2 + 6 * 2
-    out = job["out"]
-    results = pd.read_csv(out / "results" / "reconstruction.csv")
-    assert set(results.path) == {"streaming"} and set(results.seed) == {0, 1}
-    layers = results[results.layers == "ll-vs-bb"]
-    assert len(layers) == 6 * 2 and set(layers.metric) == {"gfre"}
-    results = results[results.layers == "bb"]
-    assert len(results) == 4 * 2 * 3 * 2  # metrics x pairs x comparisons x seeds
-    for level, features, seed, (source, target) in [
-            ("atom", "atoms", 0, ("chgnet-0.3.0", "sevennet-0")),
-            ("atom", "atoms", 1, ("sevennet-0", "chgnet-0.3.0")),
-            ("structure", "cumulants", 0, ("sevennet-0", "chgnet-0.3.0")),
-            ("structure", "sum", 1, ("chgnet-0.3.0", "sevennet-0"))]:
-        ref, split = _hash_split_reference(out, job["frames"], level, source, target, seed, 300,
-                                           ("gfre", "gfrd", "lfre", "cka"), features)
-        rows = results[(results.level == level) & (results.seed == seed)
-                       & (results.source == source) & (results.features == features)]
-        assert len(rows) == 4
-        for row in rows.itertuples():
-            assert row.value == pytest.approx(ref.values[row.metric], rel=1e-9)
-            assert row.n_test == ref.n_test and row.n_train == ref.n_train
-        assert ref.n_test == (300 if level == "atom" else (LAST - FIRST - 4) // 2)
-        assert ref.n_train + ref.n_test == split.n_rows
-
-
 def test_the_last_layer_against_each_backbone_layer(job):
     """The layer analysis (within each model, ll <-> bbK, atom level): in memory equal to
-    skmatter on rows read back with the paper's split; streamed equal to the engine on them."""
+    skmatter on rows read back with the paper's split; streamed equal to skmatter on them with
+    the job's hash split."""
     from skmatter.metrics import global_reconstruction_error
-
-    from latentray.method.streaming import ArraySource, HashSplit, reconstruction_at_scale
 
     everything = list(range(LAST - FIRST))
     bb3, t3 = _skmatter_rows(job["out"], "chgnet-0.3.0", "bb3", everything)
@@ -426,12 +607,12 @@ def test_the_last_layer_against_each_backbone_layer(job):
     streamed = pd.read_csv(job["out"] / "results" / "reconstruction.csv")
     row = streamed[(streamed.layers == "ll-vs-bb") & (streamed.source_layer == "ll")
                    & (streamed.target_layer == "bb3") & (streamed.seed == 1)]
-    split = HashSplit(300, seed=1, stratified=True)
-    ref = reconstruction_at_scale(ArraySource(
-        ll, bb3, block_rows=997, structure_id=tl.structure_id.to_numpy(),
-        atom_index=tl.atom_index.to_numpy(), stratum=labels,
-        groups={"Z": tl.Z.to_numpy(), "subset": labels}), split, ("gfre",))
-    assert row.value.iloc[0] == pytest.approx(ref.values["gfre"], rel=1e-9)
+    rows = pd.DataFrame({"structure_id": tl.structure_id.to_numpy(),
+                         "atom_index": tl.atom_index.to_numpy(), "subset": labels})
+    train, test, folds = _hash_split(rows, "atom", 1)
+    ref, _ = _skmatter(ll, bb3, train, test, folds)
+    assert row.value.iloc[0] == pytest.approx(ref["gfre"], rel=1e-8)
+    assert row.n_test.iloc[0] == len(test) == 300
 
 
 def test_maps_of_the_structure_features(job):
@@ -458,32 +639,6 @@ def test_maps_of_the_structure_features(job):
     np.testing.assert_allclose(chgnet[chgnet.method == "pcovr"][["x", "y"]], expected,
                                rtol=1e-6, atol=1e-8)
     assert len(maps[maps.model == "sevennet-0"]) == 2 * (LAST - FIRST - 4)  # its left-out
-
-
-def test_per_element_and_per_subset_errors_add_up(job):
-    out = job["out"]
-    results = pd.read_csv(out / "results" / "reconstruction.csv")
-    groups = pd.read_csv(out / "results" / "by_group.csv", keep_default_na=False)
-    ref, _ = _hash_split_reference(out, job["frames"], "atom", "chgnet-0.3.0", "sevennet-0", 0,
-                                   300, ("gfre",))
-    mine = groups[(groups.level == "atom") & (groups.seed == 0) & (groups.metric == "gfre")
-                  & (groups.source == "chgnet-0.3.0") & (groups.layers == "bb")]
-    total = results[(results.level == "atom") & (results.seed == 0) & (results.metric == "gfre")
-                    & (results.source == "chgnet-0.3.0") & (results.layers == "bb")].value.iloc[0]
-    from ase.data import chemical_symbols
-
-    for kind, labels in [("element", [chemical_symbols[z] for z in ref.groups["Z"]]),
-                         ("subset", ref.groups["subset"])]:
-        sub = mine[mine.group_kind == kind].set_index("group")
-        expected = pd.Series(ref.pointwise["gfre"] ** 2).groupby(np.asarray(labels)).mean() ** 0.5
-        assert sorted(sub.index) == sorted(expected.index)
-        np.testing.assert_allclose(sub.loc[expected.index, "value"], expected.values, rtol=1e-9)
-        assert sub.n_test.sum() == 300
-        # the groups' mean squared errors, weighted by their sizes, give the total back
-        assert np.sqrt((sub.n_test * sub.value**2).sum() / 300) == pytest.approx(total, rel=1e-9)
-    page = (out / "report.html").read_text()
-    assert "Which chemistry is hard to reconstruct" in page
-    assert "streaming fit, ± sd over 2 split seeds" in page  # in the figure captions
 
 
 def test_an_mptrj_json_dataset_runs_end_to_end(tmp_path):
