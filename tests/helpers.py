@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import latentray
 
@@ -36,3 +37,32 @@ def assert_family_versions_recorded(output: Path) -> None:
             continue
         if model["family"] not in ("mace", "mattersim"):
             assert model["family_package_version"] == here, model
+
+
+def assert_one_gfre_equals_skmatter(output: Path, source: str, target: str) -> None:
+    """The run's atom-level GFRE ``source -> target`` (in memory, first seed) recomputed with
+    scikit-matter on the latents read back and the run's split (``paper_split``, stratified by
+    subset where the dataset has one): a value, not only a row that exists."""
+    from skmatter.metrics import global_reconstruction_error
+
+    from latentray.method.splits import paper_split
+
+    run = latentray.open(str(output))
+    results = run.results()
+    rows = results[(results.source == source) & (results.target == target)
+                   & (results.metric == "gfre") & (results.level == "atom")]
+    row = rows[rows.seed == rows.seed.min()].iloc[0]
+    assert row.path == "in-memory"
+    a = run.latents(row.dataset, source, row.source_layer)
+    b = run.latents(row.dataset, target, row.target_layer)
+    common = np.intersect1d(a.structure_index, b.structure_index)
+    ra, rb = np.isin(a.structure_index, common), np.isin(b.structure_index, common)
+    assert np.array_equal(a.Z[ra], b.Z[rb]) and np.array_equal(a.atom_index[ra], b.atom_index[rb])
+    subsets = run.structures(row.dataset, ["structure_index", "subset"]).to_pandas()
+    labels = subsets.set_index("structure_index")["subset"].loc[a.structure_index[ra]]
+    labels = None if (labels.isna() | (labels == "")).all() else labels.to_numpy()
+    train, test = paper_split(int(ra.sum()), int(row.n_test), seed=int(row.seed), labels=labels)
+    expected = global_reconstruction_error(a.X[ra].astype(np.float64),
+                                           b.X[rb].astype(np.float64),
+                                           train_idx=train, test_idx=test)
+    assert 0 < row.value == pytest.approx(expected, rel=1e-8)

@@ -100,7 +100,7 @@ def test_three_nodes_give_the_results_of_one(tmp_path):
 
 
 def toy_config(tmp_path: Path, output: Path, models: dict[str, dict], limit: int,
-               shard_size: int) -> Path:
+               shard_size: int, **extraction) -> Path:
     entries = []
     for name, extra in models.items():
         checkpoint = tmp_path / f"{name}.json"
@@ -112,7 +112,7 @@ def toy_config(tmp_path: Path, output: Path, models: dict[str, dict], limit: int
     config.write_text(yaml.safe_dump({
         "output": str(output),
         "datasets": [{"name": "mad", "path": "builtin:mad-val-1000", "limit": limit}],
-        "models": entries, "extraction": {"shard_size": shard_size, "actors": 2},
+        "models": entries, "extraction": {"shard_size": shard_size, "actors": 2, **extraction},
         "analyses": {"n_test": 100, "metrics": ["gfre"], "order_metrics": [],
                      "baselines": []}}))
     return config
@@ -217,20 +217,27 @@ def test_status_names_what_made_each_unit_stale(tmp_path):
 
 
 def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupted_run(tmp_path):
-    slow = {"seconds_per_batch": 0.15}
-    config = toy_config(tmp_path, tmp_path / "out", {"toy-a": slow, "toy-b": slow},
-                        limit=120, shard_size=10)
+    """The driver is killed at a known point, not after a sleep: the toy's gate lets the
+    first 4 forward calls of the run through (4 units of one batch each) and holds every
+    later one; the kill comes once 4 units have finished and both actors wait at the gate."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    held = {"gate_dir": str(gate), "free_batches": 4}
+    config = toy_config(tmp_path, tmp_path / "out", {"toy-a": held, "toy-b": held},
+                        limit=120, shard_size=10, batch_atoms=100_000)  # a unit: one batch
     driver = cli("run", str(config), wait=False)
     manifests = tmp_path / "out" / "manifest"
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(manifests.rglob("*.json"))) < 4:
+    while len(list(manifests.rglob("*.json"))) < 4 or len(list(gate.glob("ticket-*"))) < 6:
         assert driver.poll() is None, driver.stdout.read()
-        time.sleep(0.2)
+        assert time.time() < deadline, "the run never reached the gate"
+        time.sleep(0.1)
     os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray's reaper ends the rest
     driver.wait(timeout=60)
     finished_before = len(list(manifests.rglob("*.json")))
-    assert 4 <= finished_before < 24
+    assert finished_before == 4  # of 2 models x 12 shards
     assert not (tmp_path / "out" / "run.json").exists()
+    (gate / "release").touch()
     status = cli("status", str(tmp_path / "out"), "--config", str(config))
     assert status.returncode == 1 and "pending" in status.stdout
     visible_parquet_files_are_complete(tmp_path / "out")
@@ -239,8 +246,8 @@ def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupte
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"{finished_before} already done" in resumed.stdout
 
-    reference = toy_config(tmp_path, tmp_path / "ref", {"toy-a": slow, "toy-b": slow},
-                           limit=120, shard_size=10)
+    reference = toy_config(tmp_path, tmp_path / "ref", {"toy-a": {}, "toy-b": {}},
+                           limit=120, shard_size=10, batch_atoms=100_000)
     assert cli("run", str(reference), "--quiet").returncode == 0
     assert_same_latents(latents(tmp_path / "out"), latents(tmp_path / "ref"))
     ours, theirs = (pd.read_csv(tmp_path / d / "results" / "reconstruction.csv")

@@ -253,21 +253,28 @@ def test_prepare_every_dataset_of_a_config(tmp_path, capsys):
     config.write_text(f"""
 output: unused
 datasets:
-  - {{name: mad, path: builtin:mad-val-1000, limit: 40, filters: {{min_atoms: 2}}}}
+  - {{name: mad, path: builtin:mad-val-1000, limit: 300, filters: {{min_atoms: 2}}}}
   - {{name: mp, path: {MPTRJ}, format: mptrj-json, subset_key: n_elements}}
 models: [{{id: m, family: chgnet, checkpoint: "0.3.0"}}]
 """)
     assert main(["prepare", str(config), "--output", str(tmp_path / "out"),
                  "--shard-size", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "mad: 40 structures" in printed and "mp: 11 structures" in printed
+    assert "mad: 300 structures" in printed and "mp: 11 structures" in printed
     mp = _frames(tmp_path / "out" / "structures" / "dataset=mp", "parquet")
     from pymatgen.core import Structure
 
     expected = [str(len(Structure.from_dict(doc["structure"]).composition.elements))
                 for material in _mptrj_docs().values() for doc in material.values()]
     assert [m["subset"] for m in mp] == expected  # n_elements, by pymatgen
+    # the single atoms among the frames read (ASE), named: 3 of them before 300 were kept
     dropped = pq.read_table(tmp_path / "out" / "dropped" / "dataset=mad").to_pandas()
-    assert len(dropped) == sum(len(a) == 1 for a in read(MAD, index=f":{40 + len(dropped)}"))
+    singles = [i for i, a in enumerate(read(MAD, index=":303")) if len(a) == 1]
+    assert len(singles) == 3
+    assert dropped.structure_id.tolist() == [f"mad:{i}" for i in singles]
+    assert all(r.startswith("min_atoms") for r in dropped.reason)
+    kept = pq.read_table(tmp_path / "out" / "structures" / "dataset=mad",
+                         columns=["structure_id"]).column(0).to_pylist()
+    assert kept == [f"mad:{i}" for i in range(303) if i not in singles]
     assert main(["prepare", str(tmp_path / "nothing.cif"), "--output", str(tmp_path)]) == 2
     assert "cannot tell the format" in capsys.readouterr().err

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import assert_family_versions_recorded, layer_matrices
+from helpers import (assert_family_versions_recorded, assert_one_gfre_equals_skmatter,
+                     layer_matrices)
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -116,6 +117,8 @@ def test_one_run_mixes_families_from_conflicting_environments(mace_run):
     pairs = set(zip(results.source, results.target))
     assert ("mace-small", "sevennet-0") in pairs and ("sevennet-0", "mace-small") in pairs
     assert results.value.notna().all()
+    assert_one_gfre_equals_skmatter(mace_run / "out", "mace-small", "sevennet-0")
+    assert_one_gfre_equals_skmatter(mace_run / "out", "chgnet-0.3.0", "mace-small")
     # the driver's environment has no MACE: it only ran in the actors
     assert subprocess.run([sys.executable, "-c", "import mace"],
                           capture_output=True).returncode != 0

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import assert_family_versions_recorded, layer_matrices
+from helpers import (assert_family_versions_recorded, assert_one_gfre_equals_skmatter,
+                     layer_matrices)
 from latentray.cli import main
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,7 @@ def test_mattersim_is_compared_with_chgnet(mattersim_run):
     pairs = set(zip(results.source, results.target))
     assert {("mattersim-small", "chgnet-0.3.0"), ("chgnet-0.3.0", "mattersim-small")} <= pairs
     assert results.value.notna().all()
+    assert_one_gfre_equals_skmatter(mattersim_run / "out", "mattersim-small", "chgnet-0.3.0")
 
 
 def test_float64_and_partly_periodic_cells_are_refused(mattersim_run):

@@ -18,6 +18,7 @@ from ase.io import read, write
 from scipy import stats
 from sklearn.model_selection import train_test_split
 
+from helpers import assert_one_gfre_equals_skmatter
 from latentray.cli import main
 from latentray.config import parse_config
 from latentray.datasets import resolve_paths
@@ -477,8 +478,8 @@ def test_the_reports_tables_equal_the_results_at_their_printed_precision(job):
     groups = job["groups_third"]
     groups = groups[(groups.seed == 0) & (groups.source != groups.target)
                     & groups.features.isin(["atoms", "cumulants"])]
-    sections = re.findall(r"<h3>(\S+) by (\w+), (\w+) level, layer (\S+), (\S+)</h3>(<table.*?</table>)",
-                          page, flags=re.S)
+    sections = re.findall(r"<h3>(\S+) by (\w+), (\w+) level, layer (\S+), (\S+)</h3>"
+                          r"(<table.*?</table>)", page, flags=re.S)
     assert len(sections) == 3 * (2 + 1)  # gfre, gfrd, lfre x (atom: element, subset; structure)
     checked = 0
     for metric, kind, level, layers, dataset, table_html in sections:
@@ -681,17 +682,37 @@ analyses: {{n_test: 100, metrics: [gfre], order_metrics: [], baselines: []}}
     assert sorted(latents.structure_id.unique()) == sorted(kept)
     results = pd.read_csv(out / "results" / "reconstruction.csv")
     assert len(results) == 2 * 2 and results.value.notna().all()  # 2 pairs x 2 levels
+    assert_one_gfre_equals_skmatter(out, "chgnet-r2scan", "chgnet-0.3.0")
+
+
+def _toy_latents(checkpoint, n_structures: int, layer: str) -> np.ndarray:
+    """The toy family's features of the first MAD structures, from the plugin's adapter
+    imported here from tests/plugin."""
+    import sys
+
+    plugin = str(Path(__file__).parent / "plugin")
+    sys.path.insert(0, plugin)
+    try:
+        from latentray_toy import RadialAdapter
+    finally:
+        sys.path.remove(plugin)
+    model = RadialAdapter(str(checkpoint))
+    frames = read(resolve_paths("builtin:mad-val-1000")[0], index=f":{n_structures}")
+    return model.forward([model.prepare(a) for a in frames], [layer])[layer]
 
 
 def test_a_third_party_family_runs_through_latentray_run(tmp_path):
-    """Two models of the entry-point family in tests/plugin, through Ray actors: the only
-    change is PYTHONPATH (as installing the package would be)."""
-    import os
+    """Three models of the entry-point family in tests/plugin, through Ray actors: the only
+    change is PYTHONPATH (as installing the package would be). One of them names another as
+    its ``parent``: the report's table of variants and fine-tuning, its models table and the
+    summary carry the run's numbers for that pair."""
+    import re
     import subprocess
     import sys
 
     plugin = Path(__file__).parent / "plugin"
-    for name, centres in [("a", [1.0, 2.0, 3.0, 4.0]), ("b", [1.5, 2.5, 3.5])]:
+    for name, centres in [("a", [1.0, 2.0, 3.0, 4.0]), ("b", [1.5, 2.5, 3.5]),
+                          ("c", [1.2, 2.2, 3.2])]:
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"cutoff": 5.0, "centres": centres, "width": 0.4}))
     config = tmp_path / "toy.yaml"
@@ -699,8 +720,10 @@ def test_a_third_party_family_runs_through_latentray_run(tmp_path):
 output: {tmp_path / "out"}
 datasets: [{{name: mad, path: builtin:mad-val-1000, limit: 60}}]
 models:
-  - {{id: toy-a, family: toy-radial, checkpoint: {tmp_path / "a.json"}, layers: [all]}}
+  - {{id: toy-a, family: toy-radial, checkpoint: {tmp_path / "a.json"}, layers: [all],
+     parent: toy-b}}
   - {{id: toy-b, family: toy-radial, checkpoint: {tmp_path / "b.json"}, layers: [all]}}
+  - {{id: toy-c, family: toy-radial, checkpoint: {tmp_path / "c.json"}, layers: [all]}}
 extraction: {{shard_size: 30}}
 analyses: {{n_test: 200, metrics: [gfre], order_metrics: [], baselines: []}}
 """)
@@ -709,22 +732,43 @@ analyses: {{n_test: 200, metrics: [gfre], order_metrics: [], baselines: []}}
     done = subprocess.run([sys.executable, "-m", "latentray.cli", "run", str(config), "--quiet"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    latents = ds.dataset(tmp_path / "out" / "latents", format="parquet",
-                         partitioning="hive").to_table(
+    out = tmp_path / "out"
+    latents = ds.dataset(out / "latents", format="parquet", partitioning="hive").to_table(
         filter=(ds.field("model") == "toy-b") & (ds.field("layer") == "bb2")).to_pandas()
     latents = latents.sort_values(["structure_index", "atom_index"])
-    sys.path.insert(0, str(plugin))
-    try:
-        from latentray_toy import RadialAdapter
-    finally:
-        sys.path.remove(str(plugin))
-    model = RadialAdapter(str(tmp_path / "b.json"))
-    frames = read(resolve_paths("builtin:mad-val-1000")[0], index=":60")
-    expected = model.forward([model.prepare(a) for a in frames], ["bb2"])["bb2"]
+    expected = _toy_latents(tmp_path / "b.json", 60, "bb2")
     np.testing.assert_allclose(np.stack(latents.features.to_numpy()), expected, rtol=1e-6)
-    results = pd.read_csv(tmp_path / "out" / "results" / "reconstruction.csv")
-    assert sorted(zip(results.source, results.level)) == [
-        ("toy-a", "atom"), ("toy-a", "structure"), ("toy-b", "atom"), ("toy-b", "structure")]
+    results = pd.read_csv(out / "results" / "reconstruction.csv")
+    models = ["toy-a", "toy-b", "toy-c"]
+    assert sorted(zip(results.source, results.target, results.level)) == sorted(
+        (s, t, level) for s in models for t in models if s != t
+        for level in ("atom", "structure"))
+    # the parent key, end to end
+    page = (out / "report.html").read_text()
+    value = {(r.source, r.target, r.level): r.value for r in results.itertuples()}
+    section = page[page.index("<h2>Variants of one architecture"):]
+    (pairs,) = pd.read_html(io.StringIO(section[:section.index("</table>") + 8]))
+    assert sorted(zip(pairs.A, pairs.B, pairs.relation)) == [
+        ("toy-a", "toy-b", "fine-tuned from B"), ("toy-a", "toy-c", "same architecture "
+                                                  "(toy-radial)"),
+        ("toy-b", "toy-c", "same architecture (toy-radial)")]
+    for row in pairs.to_dict("records"):
+        for level in ("atom", "structure"):
+            for k, (s, t) in [("A→B", (row["A"], row["B"])), ("B→A", (row["B"], row["A"]))]:
+                assert row[f"GFRE {level} {k}"] == float(f"{value[s, t, level]:.4f}")
+    (table,) = [t for t in pd.read_html(io.StringIO(page), keep_default_na=False)
+                if "fine-tuned from" in t.columns]
+    assert dict(zip(table.model, table["fine-tuned from"])) == {
+        "toy-a": "toy-b", "toy-b": "", "toy-c": ""}
+    summary = (out / "results" / "summary.md").read_text()
+    line = re.search(r"Fine-tuning: toy-a \(fine-tuned from toy-b\).*", summary).group(0)
+    v = {k[:2]: f"{x:.3f}" for k, x in value.items() if k[2] == "atom"}  # atom level, as printed
+    closer = (value["toy-a", "toy-b", "atom"] + value["toy-b", "toy-a", "atom"]
+              < value["toy-c", "toy-b", "atom"] + value["toy-b", "toy-c", "atom"])
+    assert line == (
+        f"Fine-tuning: toy-a (fine-tuned from toy-b) and toy-b are at GFRE {v['toy-a', 'toy-b']} "
+        f"and {v['toy-b', 'toy-a']}, {'closer than' if closer else 'not closer than'} the "
+        f"independently trained toy-c ({v['toy-c', 'toy-b']} and {v['toy-b', 'toy-c']}).")
 
 
 def test_a_family_from_a_pip_runtime_environment(tmp_path):
@@ -758,7 +802,10 @@ analyses: {{metrics: [], order_metrics: [], baselines: []}}
         ray.shutdown()
     latents = ds.dataset(tmp_path / "out" / "latents", format="parquet",
                          partitioning="hive").to_table().to_pandas()
-    n_atoms = sum(len(a) for a in read(resolve_paths("builtin:mad-val-1000")[0], index=":6"))
-    assert len(latents) == n_atoms and len(latents.features.iloc[0]) == 3
+    latents = latents.sort_values(["structure_index", "atom_index"])
+    # the features the actors computed in Ray's environment: those of the plugin's own adapter
+    expected = _toy_latents(tmp_path / "a.json", 6, "bb1")
+    assert expected.shape[1] == 3
+    np.testing.assert_allclose(np.stack(latents.features.to_numpy()), expected, rtol=1e-6)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["provenance"]["models"][0]["family_package_version"] == "0.1"

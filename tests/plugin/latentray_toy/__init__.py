@@ -27,6 +27,11 @@ class RadialAdapter(ModelAdapter):
         self.seconds_per_batch = float(params.get("seconds_per_batch", 0.0))
         self.kill_once_marker = params.get("kill_once_marker")
         self.kill_always = bool(params.get("kill_always", False))
+        # a gate, across every process: the first ``free_batches`` forward calls run, later
+        # ones wait until ``gate_dir``/release exists (each call takes a ticket: a file made
+        # with O_EXCL), so that a test can stop a run at a known point without timing
+        self.gate_dir = params.get("gate_dir")
+        self.free_batches = int(params.get("free_batches", 0))
         k = len(self.centres)
         self._widths = {"bb1": k, "bb2": k}
         self._supported = None
@@ -43,6 +48,18 @@ class RadialAdapter(ModelAdapter):
         import time
 
         time.sleep(self.seconds_per_batch)
+        if self.gate_dir:
+            ticket = 0
+            while True:
+                try:
+                    os.close(os.open(os.path.join(self.gate_dir, f"ticket-{ticket:06d}"),
+                                     os.O_CREAT | os.O_EXCL))
+                    break
+                except FileExistsError:
+                    ticket += 1
+            while (ticket >= self.free_batches
+                   and not os.path.exists(os.path.join(self.gate_dir, "release"))):
+                time.sleep(0.05)
         if self.kill_always or (self.kill_once_marker
                                 and not os.path.exists(self.kill_once_marker)):
             if self.kill_once_marker:
