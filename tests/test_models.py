@@ -8,6 +8,7 @@ model run by ``sevenn.calculator.SevenNetCalculator``.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -128,13 +129,22 @@ def test_chgnet_bb4_and_ll_feed_its_readout(chgnet, structures):
     np.testing.assert_allclose(from_bb4 + shift, site, atol=1e-5)
 
 
+@lru_cache(maxsize=None)
+def chgnet_own(name: str):
+    """CHGNet's own model of a packaged checkpoint, loaded by chgnet's API."""
+    from chgnet.model import CHGNet
+
+    return CHGNet.load(model_name=name, use_device="cpu", verbose=False)
+
+
 def test_chgnet_info_matches_its_arrays(chgnet, structures):
     info = chgnet.info
     assert info.family == "chgnet" and info.checkpoint == "0.3.0"
     assert list(info.layer_widths) == ["bb1", "bb2", "bb3", "bb4", "ll"]
     assert set(info.layer_widths.values()) == {64}
-    assert info.cutoff == 6.0
-    assert info.supported_numbers == frozenset(range(1, 95))
+    assert info.cutoff == chgnet_own("0.3.0").graph_converter.atom_graph_cutoff
+    assert info.supported_numbers == frozenset(
+        range(1, chgnet_own("0.3.0").atom_embedding.embedding.num_embeddings + 1))
     assert Path(info.checkpoint_file).is_file() and info.checkpoint_file.endswith(".pth.tar")
     assert info.checkpoint_sha256 == file_sha256(info.checkpoint_file)
     assert chgnet.info.checkpoint_sha256 is info.checkpoint_sha256  # computed once
@@ -231,12 +241,15 @@ def test_sevennet_equals_hooks_on_its_calculator(sevennet, structures):
 
 def test_sevennet_info_matches_its_arrays(sevennet, structures):
     info = sevennet.info
-    assert info.family == "sevenn" and info.cutoff == 5.0
+    calc, _ = _hooked_calculator("7net-0")
+    assert info.family == "sevenn" and info.cutoff == calc.cutoff
     assert info.layer_widths == {"bb1": 128, "bb2": 128, "bb3": 128, "bb4": 128, "bb5": 128,
                                  "ll": 64}
     assert Path(info.checkpoint_file).name == "checkpoint_sevennet_0.pth"
     assert info.checkpoint_sha256 == file_sha256(info.checkpoint_file)
-    assert len(info.supported_numbers) == 89 and not SEVENN_UNSUPPORTED & info.supported_numbers
+    assert info.supported_numbers == frozenset(calc.type_map)
+    # the elements the structures fixture leaves out: those below the largest without a type
+    assert SEVENN_UNSUPPORTED == set(range(1, max(calc.type_map) + 1)) - set(calc.type_map)
     out = sevennet.forward([sevennet.prepare(a) for a in structures[:3]], ["all"])
     for layer, width in info.layer_widths.items():
         assert out[layer].shape == (_n_atoms(structures[:3]), width)
@@ -365,7 +378,8 @@ def test_chgnet_checkpoint_by_path_equals_by_name(structures):
     by_name = load_adapter("chgnet", "0.2.0")
     by_path = load_adapter("chgnet", by_name.info.checkpoint_file)
     assert by_path.info.checkpoint_sha256 == by_name.info.checkpoint_sha256
-    assert by_path.info.cutoff == by_name.info.cutoff == 5.0
+    assert by_path.info.cutoff == by_name.info.cutoff == \
+        chgnet_own("0.2.0").graph_converter.atom_graph_cutoff
     frames = structures[:2]
     a = by_name.forward([by_name.prepare(s) for s in frames], ["all"])
     b = by_path.forward([by_path.prepare(s) for s in frames], ["all"])
@@ -409,8 +423,15 @@ def test_every_packaged_checkpoint_equals_its_own_api(family, checkpoint, modali
         expected = {f"bb{n_conv - 1}": np.concatenate([p["atom_fea"] for p in theirs])}
         assert list(out) == [f"bb{k}" for k in range(1, n_conv + 1)] + ["ll"]
         assert all(out[f"bb{k}"].shape[1] == width for k in range(1, n_conv + 1))
+        # the cutoff and the elements, as the model holds them (an embedding row per Z)
+        assert info.cutoff == reference.graph_converter.atom_graph_cutoff
+        assert info.supported_numbers == frozenset(
+            range(1, reference.atom_embedding.embedding.num_embeddings + 1))
     else:  # the calculator runs one structure at a time: so do we, for float32's sake
         calc, records = _hooked_calculator(checkpoint, modal=modality)
+        # the cutoff and the elements, as the checkpoint's own calculator reads them
+        assert info.cutoff == calc.cutoff
+        assert info.supported_numbers == frozenset(calc.type_map)
         expected = _run_calculator(calc, records, frames)
         assert list(out) == sorted(expected, key=lambda k: (k == "ll", k))
         single = [adapter.forward([adapter.prepare(a)], ["all"]) for a in frames]

@@ -112,13 +112,15 @@ def calculator_reference(checkpoint: str, frames, task: str) -> dict[str, np.nda
     return {name: np.concatenate(values) for name, values in seen.items()}
 
 
-def test_features_equal_fairchems_own_calculator(small_uma):
+@pytest.mark.parametrize("task", TASKS)
+def test_features_equal_fairchems_own_calculator(small_uma, task):
+    """Each task (the modality) against ``FAIRChemCalculator(task_name=task)``."""
     frames = read(MAD, index=":8")
-    model = load_adapter("uma", small_uma, modality="omat")
+    model = load_adapter("uma", small_uma, modality=task)
     assert model.info.layer_widths == {"bb1": 16, "bb2": 16, "ll": 16}
     assert model.info.cutoff == 6.0 and max(model.info.supported_numbers) == 99
     ours = model.forward([model.prepare(a) for a in frames], ["bb1", "bb2", "ll", "bb"])
-    theirs = calculator_reference(small_uma, frames, "omat")
+    theirs = calculator_reference(small_uma, frames, task)
     for name in ("bb1", "bb2", "ll"):
         # eSCN's random roll angle per edge: equal to ~1e-6, not bitwise
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=2e-5)
