@@ -196,7 +196,8 @@ def test_status_names_what_made_each_unit_stale(tmp_path):
     moved = tmp_path / "moved.json"  # the same weights under another name
     moved.write_text((tmp_path / "toy-a.json").read_text())
     changes = {"dtype": {"dtype": "float64"}, "layers": {"layers": ["bb1"]},
-               "checkpoint": {"checkpoint": str(moved)}}
+               "checkpoint": {"checkpoint": str(moved)}, "family": {"family": "toy-cosine"},
+               "modality": {"modality": "squared"}, "options": {"options": {"scale": 2.0}}}
     for reason, change in changes.items():
         changed = tmp_path / f"{reason}.yaml"
         changed.write_text(yaml.safe_dump({**raw, "models": [{**raw["models"][0], **change},
@@ -214,6 +215,19 @@ def test_status_names_what_made_each_unit_stale(tmp_path):
     report = json.loads(done.stdout)
     assert {u["state"] for u in report["units"]} == {"done"}
     assert report["fits"]["cached"] > 0 and report["fits"]["stale"] == {}
+    # a shard whose structures changed: the dataset prepared again into the output without
+    # its last structure (what status compares the manifests with: structures/)
+    changed = tmp_path / "shard.yaml"
+    changed.write_text(yaml.safe_dump({**raw, "datasets": [{**raw["datasets"][0], "limit": 19}]}))
+    prepared = cli("prepare", str(changed), "--output", str(output), "--shard-size", "10")
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    done = cli("status", str(output), "--config", str(config), "--json")
+    assert done.returncode == 1, done.stderr[-2000:]
+    units = json.loads(done.stdout)["units"]
+    assert [(u["model"], u["shard"], u["state"], u["detail"]) for u in units] == [
+        ("toy-a", 0, "done", ""), ("toy-b", 0, "done", ""),
+        ("toy-a", 1, "stale", "changed since it ran: shard_sha256"),
+        ("toy-b", 1, "stale", "changed since it ran: shard_sha256")]
 
 
 def test_a_driver_killed_in_the_middle_resumes_to_the_results_of_an_uninterrupted_run(tmp_path):

@@ -11,11 +11,19 @@ from latentray.models import ModelAdapter, StructureError
 
 
 class RadialAdapter(ModelAdapter):
+    """Gaussians of the neighbour distances (bb1) and the same weighted by the neighbour's
+    atomic number (bb2). Modality ``squared``: the weights are Z^2; option ``scale``: every
+    feature times it."""
+
     family = "toy-radial"
     distribution = "latentray-toy"
+    modalities = ("linear", "squared")
+    option_names = frozenset({"scale"})
 
     def __init__(self, checkpoint: str, **options) -> None:
         super().__init__(checkpoint, **options)
+        self.power = 2 if self.modality == "squared" else 1
+        self.scale = float(self.options.get("scale", 1.0))
         with open(checkpoint) as f:
             params = json.load(f)
         self._file = checkpoint
@@ -71,7 +79,17 @@ class RadialAdapter(ModelAdapter):
             feats = {"bb1": np.zeros((n, len(self.centres))),
                      "bb2": np.zeros((n, len(self.centres)))}
             np.add.at(feats["bb1"], i, g)
-            np.add.at(feats["bb2"], i, g * zj[:, None])
+            np.add.at(feats["bb2"], i, g * zj[:, None] ** self.power)
             for name in layers:
-                out[name].append(feats[name].astype(np.float32))
+                out[name].append((self.scale * feats[name]).astype(np.float32))
         return {name: np.concatenate(v) for name, v in out.items()}
+
+
+class CosineAdapter(RadialAdapter):
+    """A second family of the same package: the Gaussians times a cosine cutoff."""
+
+    family = "toy-cosine"
+
+    def prepare(self, atoms):
+        n, i, d, zj = super().prepare(atoms)
+        return n, i, d, zj * 0.5 * (np.cos(np.pi * d / self._cutoff) + 1)
