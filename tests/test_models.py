@@ -403,9 +403,9 @@ PACKAGED = [
 def test_every_packaged_checkpoint_equals_its_own_api(family, checkpoint, modality,
                                                       structures):
     """Each packaged checkpoint's latents against its model's own API, with the layer
-    count and widths read from the loaded model: CHGNet's ``atom_fea``
-    (``predict_structure``) is bb{K-1}; every SevenNet layer equals forward hooks on
-    ``SevenNetCalculator`` (with the modality)."""
+    count and widths read from the loaded model: CHGNet's bb1 .. bb{K-1} equal forward hooks
+    on its blocks during ``predict_structure``, whose ``atom_fea`` is bb{K-1}; every SevenNet
+    layer equals forward hooks on ``SevenNetCalculator`` (with the modality)."""
     pytest.importorskip(family)
     adapter = load_adapter(family, checkpoint, modality=modality)
     info = adapter.info
@@ -418,9 +418,22 @@ def test_every_packaged_checkpoint_equals_its_own_api(family, checkpoint, modali
 
         reference = CHGNet.load(model_name=checkpoint, use_device="cpu", verbose=False)
         n_conv, width = len(reference.atom_conv_layers), int(reference.atom_fea_dim)
-        theirs = reference.predict_structure(
-            [AseAtomsAdaptor.get_structure(a) for a in frames], return_atom_feas=True)
-        expected = {f"bb{n_conv - 1}": np.concatenate([p["atom_fea"] for p in theirs])}
+        # and every earlier block's output, by forward hooks on CHGNet's own modules while
+        # its own predict_structure runs (bbK: after atom_conv_layers[K-1])
+        seen: dict[str, list] = {}
+        hooks = [conv.register_forward_hook(
+                     lambda m, a, o, k=k: seen.setdefault(f"bb{k}", []).append(
+                         o.detach().numpy().copy()))
+                 for k, conv in enumerate(reference.atom_conv_layers[:-1], start=1)]
+        try:
+            theirs = reference.predict_structure(
+                [AseAtomsAdaptor.get_structure(a) for a in frames], return_atom_feas=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        expected = {layer: np.concatenate(v) for layer, v in seen.items()}
+        np.testing.assert_array_equal(expected[f"bb{n_conv - 1}"],
+                                      np.concatenate([p["atom_fea"] for p in theirs]))
         assert list(out) == [f"bb{k}" for k in range(1, n_conv + 1)] + ["ll"]
         assert all(out[f"bb{k}"].shape[1] == width for k in range(1, n_conv + 1))
         # the cutoff and the elements, as the model holds them (an embedding row per Z)
