@@ -246,8 +246,11 @@ def _pair_rows(job, level, source, target):
                              "element": [frames[i].get_chemical_symbols()[j]
                                          for i, j in zip(s, k)]})
     else:  # the structure features of order 2: [k1 k2] of each side
-        (tx, X), (_, Y) = ((t.loc[COMMON], F[np.searchsorted(t.index, COMMON), :2 * WIDTH[m]])
-                           for m in (source, target) for t, F in [_cumulants(out, m)])
+        def order_two(model):
+            t, F = _cumulants(out, model)
+            return t.loc[COMMON], F[np.searchsorted(t.index, COMMON), :2 * WIDTH[model]]
+
+        (tx, X), (_, Y) = order_two(source), order_two(target)
         s = np.asarray(COMMON)
         rows = pd.DataFrame({"structure_id": tx.structure_id.to_numpy(),
                              "atom_index": np.full(len(s), -1)})
