@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial
 import skmatter.metrics as skm
 from skmatter.linear_model import Ridge2FoldCV
 from skmatter.preprocessing import StandardFlexibleScaler
@@ -163,6 +164,38 @@ def test_local_n_jobs_gives_the_same_values():
     a = lr.pointwise_local_reconstruction_error(X, Y, 12, **kw)
     b = lr.pointwise_local_reconstruction_error(X, Y, 12, n_jobs=2, **kw)
     np.testing.assert_array_equal(a, b)
+
+
+def test_one_source_serves_many_targets_as_one_at_a_time():
+    """One neighbour search and one set of local factorizations of the source for several
+    targets of other widths (so other k): each target's errors equal skmatter's (1e-8) and a
+    fit per test row, ``cutoff_ridge_2fold_cv`` on its centred neighbourhood (1e-10); a
+    target with k > dx (no sharing possible) too."""
+    _, X, B = CASES[2]  # dx = 28
+    targets = [B, CASES[4][2], X, np.hstack([X, B]), B]  # dy = 17, 6, 28, 45, 17
+    ks = [min(X.shape[1], Y.shape[1]) for Y in targets[:-1]] + [40]  # the last: k > dx
+    test = np.arange(0, len(X), 6)
+    train = np.setdiff1d(np.arange(len(X)), test)[::-1]  # an unsorted train order
+    got = lr.pointwise_local_reconstruction_errors(X, targets, ks, test_idx=test,
+                                                   train_idx=train)
+    scaler = StandardFlexibleScaler(column_wise=False)
+    Xs = scaler.fit(X[train]).transform(X)
+    for Y, k, errors in zip(targets, ks, got):
+        np.testing.assert_allclose(
+            errors, skm.pointwise_local_reconstruction_error(X, Y, k, test_idx=test,
+                                                             train_idx=train), **TOL)
+        Ys = scaler.fit(Y[train]).transform(Y)
+        neighbours = np.argsort(
+            scipy.spatial.distance.cdist(Xs[test], Xs[train], "sqeuclidean"), kind="stable",
+            axis=1)[:, :k]
+        by_row = []
+        for i, idx in zip(test, neighbours):
+            LX, LY = Xs[train][idx], Ys[train][idx]
+            W, _ = lr.cutoff_ridge_2fold_cv(LX - LX.mean(0), LY - LY.mean(0))
+            by_row.append(np.linalg.norm(Ys[i] - LY.mean(0) - (Xs[i] - LX.mean(0)) @ W))
+        np.testing.assert_allclose(errors, by_row, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="2 targets but 1 values"):
+        lr.pointwise_local_reconstruction_errors(X, targets[:2], [3], test_idx=test)
 
 
 def test_cv_selects_a_nontrivial_cutoff_like_skmatter():

@@ -80,6 +80,7 @@ __all__ = [
     "pointwise_global_reconstruction_distortion",
     "pointwise_global_reconstruction_error",
     "pointwise_local_reconstruction_error",
+    "pointwise_local_reconstruction_errors",
 ]
 
 #: skmatter's default grid of relative cutoffs.
@@ -222,49 +223,119 @@ def _augmented_r(X: np.ndarray, Y: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _FactorSVD:
-    """``R_x = U diag(s) Vt`` and ``D = U^T R_y / s`` (zero where s == 0)."""
+class _FoldSVD:
+    """``R_x = U diag(s) Vt`` of one fold (or of all train rows): depends on the source only."""
 
+    U: np.ndarray  # (B, r, m)
     s: np.ndarray  # (B, m)
     Vt: np.ndarray  # (B, m, dx)
-    D: np.ndarray  # (B, m, dy)
 
     @classmethod
-    def of(cls, R: np.ndarray, n_x: int) -> "_FactorSVD":
-        U, s, Vt = np.linalg.svd(R[..., :n_x], full_matrices=False)
-        UtY = np.swapaxes(U, -1, -2) @ R[..., n_x:]
+    def of(cls, Rx: np.ndarray) -> "_FoldSVD":
+        U, s, Vt = np.linalg.svd(Rx, full_matrices=False)
+        return cls(U=U, s=s, Vt=Vt)
+
+    def coefficients(self, Ry: np.ndarray) -> np.ndarray:
+        """``D = U^T R_y / s`` (zero where s == 0): ``W(k) = V_k D_k`` for any ``k``."""
+        UtY = np.swapaxes(self.U, -1, -2) @ Ry
         with np.errstate(divide="ignore", invalid="ignore"):
-            D = np.where(s[..., None] > 0, UtY / s[..., None], 0.0)
-        return cls(s=s, Vt=Vt, D=D)
+            return np.where(self.s[..., None] > 0, UtY / self.s[..., None], 0.0)
 
-    def weights(self, n_kept: np.ndarray) -> np.ndarray:
-        """``W = V_k S_k^-1 U_k^T Y`` with the first ``n_kept[b]`` singular values, (B, dx, dy)."""
+    def weights(self, D: np.ndarray, n_kept: np.ndarray) -> np.ndarray:
+        """``W = V_k D_k`` with the first ``n_kept[b]`` components, (B, dx, dy)."""
         mask = np.arange(self.s.shape[-1])[None, :] < np.asarray(n_kept)[:, None]
-        return np.swapaxes(self.Vt, -1, -2) @ (self.D * mask[..., None])
+        return np.swapaxes(self.Vt, -1, -2) @ (D * mask[..., None])
 
 
-def _fold_scores(fit: _FactorSVD, R_other: np.ndarray, n_x: int, n_rows_other: int,
-                 rcond: float, scaled_alphas: np.ndarray) -> np.ndarray:
-    """Negative mean per-column RMSE on the other fold, for every alpha: (B, n_alphas)."""
-    s = fit.s
-    n_guard = np.sum(s > rcond, axis=-1)  # (B,)
-    n_kept = np.minimum(
-        n_guard[:, None], np.sum(s[:, None, :] > scaled_alphas[:, :, None], axis=-1)
-    )  # (B, A)
-    C = R_other[..., :n_x] @ np.swapaxes(fit.Vt, -1, -2)  # (B, r, m): X_other V in R space
-    Ry = R_other[..., n_x:]
-    comp = np.arange(s.shape[-1])
-    scores = np.empty(n_kept.shape)
-    cache: dict[bytes, np.ndarray] = {}
-    for a in range(n_kept.shape[1]):
-        key = n_kept[:, a].tobytes()
-        if key not in cache:  # alphas that keep the same components score the same, exactly
-            mask = comp[None, :] < n_kept[:, a][:, None]
-            resid = Ry - C @ (fit.D * mask[..., None])
-            rmse = np.sqrt(np.sum(resid**2, axis=-2) / n_rows_other)  # (B, dy)
-            cache[key] = -rmse.mean(axis=-1)
-        scores[:, a] = cache[key]
-    return scores
+def _top(s: np.ndarray) -> np.ndarray:
+    return s.max(axis=-1) if s.shape[-1] else np.zeros(s.shape[:-1])
+
+
+class _CutoffCV:
+    """The relative-cutoff ridge with 2-fold CV, split into what depends on the source ``X``
+    only and what each target ``Y`` adds (so that one source serves many targets).
+
+    Source side (:meth:`of`, from the X columns of the folds' R factors and of their merged
+    R factor): the three SVDs, each fold's rows in the other fold's right singular basis
+    (``C_g = R_x,g V_f``) and how many components each alpha keeps (``s > alpha * s_max``, and
+    for the CV also ``s > rcond``). Target side (:meth:`fit`, from the Y columns of the same R
+    factors): ``D = U^T R_y / s``; the score of alpha is the mean over the two directions of
+    ``-mean_j ||(R_y,g - C_g D_k)_j|| / sqrt(n_g)``; the best alpha's ``W = V_k D_k`` on all
+    train rows. Batched over a leading axis of independent problems.
+    """
+
+    def __init__(self, f1, f2, full, C12, C21, kept1, kept2, kept, n1, n2, alphas):
+        self.f1, self.f2, self.full = f1, f2, full
+        self.C12, self.C21 = C12, C21
+        self.kept1, self.kept2, self.kept = kept1, kept2, kept
+        self.n1, self.n2, self.alphas = n1, n2, alphas
+
+    @classmethod
+    def of(cls, R1x: np.ndarray, R2x: np.ndarray, Rx: np.ndarray, n1: int, n2: int,
+           rcond: float, alphas: np.ndarray) -> "_CutoffCV":
+        alphas = np.asarray(alphas, dtype=np.float64)
+        f1, f2, full = _FoldSVD.of(R1x), _FoldSVD.of(R2x), _FoldSVD.of(Rx)
+        s_max = np.maximum(_top(f1.s), _top(f2.s))  # (B,)
+        scaled = alphas[None, :] * s_max[:, None]  # (B, A)
+
+        def kept(s, guard):
+            n = np.sum(s[:, None, :] > scaled[:, :, None], axis=-1)  # (B, A)
+            return n if guard is None else np.minimum(np.sum(s > guard, axis=-1)[:, None], n)
+
+        return cls(f1, f2, full,
+                   C12=R2x @ np.swapaxes(f1.Vt, -1, -2), C21=R1x @ np.swapaxes(f2.Vt, -1, -2),
+                   kept1=kept(f1.s, rcond), kept2=kept(f2.s, rcond),
+                   kept=kept(full.s, None),  # the final fit has no eps guard: skmatter
+                   n1=n1, n2=n2, alphas=alphas)
+
+    @staticmethod
+    def _scores(C: np.ndarray, D: np.ndarray, Ry_other: np.ndarray, n_kept: np.ndarray,
+                n_rows_other: int) -> np.ndarray:
+        """Negative mean per-column RMSE on the other fold, for every alpha: (B, n_alphas).
+
+        Once per problem and number of components ``j`` that some alpha keeps (alphas that
+        keep the same components score the same, exactly), over those components only:
+        ``R_y,g - C_g[:, :j] D[:j]``.
+        """
+        scores = np.empty(n_kept.shape)
+        score = np.empty(len(n_kept))
+        for j in np.unique(n_kept).tolist():
+            hit = n_kept == j  # (B, A)
+            rows = np.flatnonzero(hit.any(axis=1))
+            resid = Ry_other[rows] - C[rows, :, :j] @ D[rows, :j]
+            rmse = np.sqrt(np.einsum("brd,brd->bd", resid, resid) / n_rows_other)  # (b, dy)
+            score[rows] = -rmse.mean(axis=-1)
+            scores[hit] = score[np.nonzero(hit)[0]]
+        return scores
+
+    def _select(self, R1y: np.ndarray, R2y: np.ndarray):
+        """The CV scores ``(B, n_alphas)`` and the best alpha's index (the first maximum)."""
+        score = (self._scores(self.C12, self.f1.coefficients(R1y), R2y, self.kept1, self.n2)
+                 + self._scores(self.C21, self.f2.coefficients(R2y), R1y, self.kept2, self.n1)
+                 ) / 2
+        return score, np.argmax(score, axis=1)  # first maximum, as numpy/skmatter
+
+    def fit(self, R1y: np.ndarray, R2y: np.ndarray, Ry: np.ndarray):
+        """``W (B, dx, dy)``, the chosen relative alphas ``(B,)`` and the CV scores."""
+        score, best = self._select(R1y, R2y)
+        W = self.full.weights(self.full.coefficients(Ry), self.kept[np.arange(len(best)), best])
+        return W, self.alphas[best], score
+
+    def predict(self, R1y: np.ndarray, R2y: np.ndarray, Ry: np.ndarray,
+                query: np.ndarray) -> np.ndarray:
+        """``q_b W_b`` for one query row ``q_b`` (``query``: (B, dx)) per problem, without
+        forming ``W``: ``q V_k S_k^-1 U_k^T R_y`` as two vector products (``q V / s`` is the
+        source's, computed once per query)."""
+        _, best = self._select(R1y, R2y)
+        full = self.full
+        if getattr(self, "_query", None) is not query:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                qv = (query[:, None, :] @ np.swapaxes(full.Vt, -1, -2))[:, 0, :]
+                self._qvs = np.where(full.s > 0, qv / full.s, 0.0)  # (B, m)
+            self._query = query
+        n_kept = self.kept[np.arange(len(best)), best]
+        z = self._qvs * (np.arange(full.s.shape[-1])[None, :] < n_kept[:, None])
+        return ((z[:, None, :] @ np.swapaxes(full.U, -1, -2)) @ Ry)[:, 0, :]
 
 
 def _cutoff_cv_from_r(R1: np.ndarray, R2: np.ndarray, n1: int, n2: int, n_x: int,
@@ -275,24 +346,10 @@ def _cutoff_cv_from_r(R1: np.ndarray, R2: np.ndarray, n1: int, n2: int, n_x: int
     in each fold. Returns ``W (B, dx, dy)``, the chosen relative alphas ``(B,)``, the CV
     scores ``(B, n_alphas)`` and the merged R factor of both folds.
     """
-    alphas = np.asarray(alphas, dtype=np.float64)
-    f1 = _FactorSVD.of(R1, n_x)
-    f2 = _FactorSVD.of(R2, n_x)
-
-    def top(s):
-        return s.max(axis=-1) if s.shape[-1] else np.zeros(s.shape[:-1])
-
-    s_max = np.maximum(top(f1.s), top(f2.s))  # (B,)
-    scaled = alphas[None, :] * s_max[:, None]  # (B, A)
-    score = (
-        _fold_scores(f1, R2, n_x, n2, rcond, scaled) + _fold_scores(f2, R1, n_x, n1, rcond, scaled)
-    ) / 2
-    best = np.argmax(score, axis=1)  # first maximum, as numpy/skmatter
-    best_scaled = scaled[np.arange(len(best)), best]
     R = merge_r_factors([R1, R2])
-    full = _FactorSVD.of(R, n_x)
-    W = full.weights(np.sum(full.s > best_scaled[:, None], axis=-1))  # no eps guard: skmatter
-    return W, alphas[best], score, R
+    cv = _CutoffCV.of(R1[..., :n_x], R2[..., :n_x], R[..., :n_x], n1, n2, rcond, alphas)
+    W, best, score = cv.fit(R1[..., n_x:], R2[..., n_x:], R[..., n_x:])
+    return W, best, score, R
 
 
 def _two_folds(n: int, random_state, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -466,48 +523,77 @@ def _nearest_train_rows(X_train: np.ndarray, X_query: np.ndarray, k: int) -> np.
     return out
 
 
-def _local_errors_default(X_train, X_test, Y_train, Y_test, neighbours, n_jobs=None):
-    """Default LFRE fits, batched over test rows; ``n_jobs`` threads over batches.
+def _local_errors_default(X_train, X_test, targets, neighbours, n_jobs=None) -> list[np.ndarray]:
+    """Default LFRE fits of several targets from one source, batched over test rows.
 
-    The batches are many small SVDs, for which a multi-threaded BLAS only adds contention, so
-    BLAS is held to one thread meanwhile (``threadpoolctl``; process-wide while it runs).
+    ``targets``: ``(Y_train, Y_test, k)`` each; ``neighbours``: ``(n_test, >= max k)`` train
+    rows nearest first, of which target ``t`` uses the first ``k_t`` (the ``k`` nearest by
+    (distance, train position) are a prefix of the ``k' > k`` nearest). Whatever depends on
+    the source only is computed once per (test row, ``k``) and serves every target with that
+    ``k``: the neighbourhood ``x_i - xbar_i``, its folds, their SVDs and the alpha masks
+    (:class:`_CutoffCV`). This holds while ``k <= dx``: then no fold has more rows than
+    columns, so the folds' R factors are the rows themselves (no QR that would mix ``Y`` into
+    the source's factors); with ``k > dx`` each target is fitted on its own, the same way.
+
+    ``n_jobs`` threads over batches. The batches are many small SVDs, for which a
+    multi-threaded BLAS only adds contention, so BLAS is held to one thread meanwhile
+    (``threadpoolctl``; process-wide while it runs).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
-    n_test, k = neighbours.shape
+    n_test = len(X_test)
     n_x = X_train.shape[1]
-    p = n_x + Y_train.shape[1]
-    fold1, fold2 = _two_folds(k, DEFAULT_RANDOM_STATE, True)  # same for every test row
-    rcond = max(k, n_x) * _EPS
-    out = np.empty(n_test)
-    batch = max(1, min(256, _BLOCK_ELEMENTS // (k * p)))
+    out = [np.empty(n_test) for _ in targets]
+    by_k: dict[int, list[int]] = {}
+    for t, (_, _, k) in enumerate(targets):
+        by_k.setdefault(int(k), []).append(t)
+    work = []  # (k, targets with that k, batch start, batch size)
+    for k, ts in by_k.items():
+        p = n_x + max(targets[t][0].shape[1] for t in ts)
+        batch = max(1, min(256, _BLOCK_ELEMENTS // (k * p)))
+        work += [(k, ts, start, batch) for start in range(0, n_test, batch)]
 
-    def run(start: int) -> None:
+    def run(k: int, ts: list[int], start: int, batch: int) -> None:
         stop = min(start + batch, n_test)
-        idx = neighbours[start:stop]  # (B, k)
-        LX, LY = X_train[idx], Y_train[idx]
-        x_mean, y_mean = LX.mean(axis=1), LY.mean(axis=1)
-        A = np.concatenate([LX - x_mean[:, None], LY - y_mean[:, None]], axis=2)
-        W, _, _, _ = _cutoff_cv_from_r(
-            _r_factor(A[:, fold1]), _r_factor(A[:, fold2]), len(fold1), len(fold2), n_x, rcond,
-            DEFAULT_ALPHAS,
-        )
-        xc = (X_test[start:stop] - x_mean)[:, None, :]  # (B, 1, dx)
-        pred = y_mean + (xc @ W)[:, 0, :]
-        out[start:stop] = np.linalg.norm(Y_test[start:stop] - pred, axis=1)
+        fold1, fold2 = _two_folds(k, DEFAULT_RANDOM_STATE, True)  # same for every test row
+        rcond = max(k, n_x) * _EPS
+        idx = neighbours[start:stop, :k]  # (B, k)
+        LX = X_train[idx]
+        x_mean = LX.mean(axis=1)
+        LXc = LX - x_mean[:, None]
+        xc = X_test[start:stop] - x_mean  # (B, dx)
+        shared = k <= n_x
+        if shared:
+            R1x, R2x = LXc[:, fold1], LXc[:, fold2]
+            cv = _CutoffCV.of(R1x, R2x, np.concatenate([R1x, R2x], axis=1), len(fold1),
+                              len(fold2), rcond, DEFAULT_ALPHAS)
+        for t in ts:
+            Y_train, Y_test, _ = targets[t]
+            LY = Y_train[idx]
+            y_mean = LY.mean(axis=1)
+            LYc = LY - y_mean[:, None]
+            if shared:
+                R1y, R2y = LYc[:, fold1], LYc[:, fold2]
+                pred = y_mean + cv.predict(R1y, R2y, np.concatenate([R1y, R2y], axis=1), xc)
+            else:
+                A = np.concatenate([LXc, LYc], axis=2)
+                W, _, _, _ = _cutoff_cv_from_r(
+                    _r_factor(A[:, fold1]), _r_factor(A[:, fold2]), len(fold1), len(fold2),
+                    n_x, rcond, DEFAULT_ALPHAS)
+                pred = y_mean + (xc[:, None, :] @ W)[:, 0, :]
+            out[t][start:stop] = np.linalg.norm(Y_test[start:stop] - pred, axis=1)
 
-    starts = range(0, n_test, batch)
-    workers = max(1, min(effective_n_jobs(n_jobs), len(starts)))
+    workers = max(1, min(effective_n_jobs(n_jobs), len(work)))
     with threadpool_limits(limits=1, user_api="blas"):
         if workers == 1:
-            for start in starts:
-                run(start)
+            for item in work:
+                run(*item)
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(run, starts))
+                list(pool.map(lambda item: run(*item), work))
     return out
 
 
@@ -536,10 +622,14 @@ def pointwise_local_reconstruction_error(X, Y, n_local_points, test_idx=None, tr
             f"X has {len(X)} samples but n_local_points={n_local_points}. "
             "Must have at least n_local_points samples"
         )
+    if estimator is None and scaler is None:
+        return pointwise_local_reconstruction_errors(
+            X, [Y], n_local_points, test_idx=test_idx, train_idx=train_idx, n_jobs=n_jobs)[0]
     X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
     neighbours = _nearest_train_rows(X_train, X_test, int(n_local_points))
     if estimator is None:
-        return _local_errors_default(X_train, X_test, Y_train, Y_test, neighbours, n_jobs)
+        return _local_errors_default(X_train, X_test, [(Y_train, Y_test, neighbours.shape[1])],
+                                     neighbours, n_jobs)[0]
     rows = range(len(X_test))
     if n_jobs in (None, 1):
         return np.array(
@@ -556,6 +646,39 @@ def pointwise_local_reconstruction_error(X, Y, n_local_points, test_idx=None, tr
             for i in rows
         )
     )
+
+
+def pointwise_local_reconstruction_errors(X, Ys, n_local_points, test_idx=None, train_idx=None,
+                                          n_jobs=None) -> list[np.ndarray]:
+    r""":func:`pointwise_local_reconstruction_error` of one source ``X`` against every target
+    in ``Ys`` (same rows, same split; the default scaler and fit), sharing the source's work.
+
+    ``n_local_points``: one ``k`` for all targets, or one per target (the paper's
+    ``min(dx, dy)`` differs between targets). One neighbour search (for the largest ``k``;
+    the ``k`` nearest are its first ``k``) and, per test row and ``k``, one set of the
+    source's local factorizations serve every target; each value equals the one-target
+    function's on the same split.
+    """
+    X = _finite_float64(_as_matrix(X, "X"), "X")
+    ks = ([int(n_local_points)] * len(Ys) if np.ndim(n_local_points) == 0
+          else [int(k) for k in n_local_points])
+    if len(ks) != len(Ys):
+        raise ValueError(f"{len(Ys)} targets but {len(ks)} values of n_local_points")
+    if ks and len(X) < max(ks):
+        raise ValueError(
+            f"X has {len(X)} samples but n_local_points={max(ks)}. "
+            "Must have at least n_local_points samples"
+        )
+    train_idx, test_idx = _resolve_indices(X.shape[0], train_idx, test_idx)
+    X_train, X_test = _flexible_scale(X[train_idx], X[test_idx], "X")
+    targets = []
+    for Y, k in zip(Ys, ks):
+        _, Y = _check_pair(X, Y)
+        Y_train, Y_test = _flexible_scale(_finite_float64(Y[train_idx], "Y"),
+                                          _finite_float64(Y[test_idx], "Y"), "Y")
+        targets.append((Y_train, Y_test, min(k, len(train_idx))))
+    neighbours = _nearest_train_rows(X_train, X_test, max(ks, default=1))
+    return _local_errors_default(X_train, X_test, targets, neighbours, n_jobs)
 
 
 def local_reconstruction_error(X, Y, n_local_points, test_idx=None, train_idx=None, scaler=None,

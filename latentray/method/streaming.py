@@ -26,6 +26,15 @@ centred train rows, ``CKA = ||X^T Y||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` and ``X^
 Given the same index sets (:class:`IndexSplit` with skmatter's folds) the numbers equal the
 in-memory ones (and so skmatter's) to rounding. Memory: one block at a time per task, plus
 ``O((dx + dy)^2)`` per state and the test rows.
+
+**Every pair of M sides at once** (:func:`all_pairs_at_scale`): the same four stages, each one
+pass over the blocks of all sides side by side (:class:`SidesSource`), instead of four per
+pair: joint states of all columns per *pattern* (which sides have a row), from which each
+pair's states follow exactly (:func:`_pair_statistics`), and one neighbour search and gather
+per source and row set for LFRE. The joint state of total width ``P`` holds ``(P + 1)^2``
+numbers and costs ``n P^2`` flops to build, against ``4 n d^2`` per pair of width ``d`` each:
+``M^2 d^2`` for all ``M (M - 1)`` pairs instead of ``4 M (M - 1) d^2``, and every side is read
+once per stage instead of ``2 (M - 1)`` times.
 """
 
 from __future__ import annotations
@@ -51,9 +60,9 @@ from .reconstruction import (
 )
 
 __all__ = [
-    "TEST", "FOLD1", "FOLD2", "Block", "ArraySource", "BlockSource", "CentredQR", "HashSplit",
-    "IndexSplit", "ScaleResult", "SerialExecutor", "reconstruction_at_scale",
-    "linear_cka", "split_keys",
+    "TEST", "FOLD1", "FOLD2", "Block", "ArraySides", "ArraySource", "BlockSource", "CentredQR",
+    "HashSplit", "IndexSplit", "ScaleResult", "SerialExecutor", "SidesBlock", "SidesSource",
+    "all_pairs_at_scale", "reconstruction_at_scale", "linear_cka", "split_keys",
 ]
 
 #: Row labels of a split; rows labelled -1 take no part.
@@ -224,11 +233,14 @@ class HashSplit:
         return self
 
     def labels(self, block: Block) -> np.ndarray:
+        ids = block.ids
+        return self.label_keys(split_keys(ids["structure_id"], ids["atom_index"], self.seed),
+                               self._strata(ids))
+
+    def label_keys(self, keys: np.ndarray, strata: np.ndarray) -> np.ndarray:
+        """TEST, FOLD1 or FOLD2 of rows with these keys and strata."""
         if self.thresholds is None:
             raise RuntimeError("HashSplit.resolve() must run before labels()")
-        ids = block.ids
-        keys = split_keys(ids["structure_id"], ids["atom_index"], self.seed)
-        strata = self._strata(ids)
         out = (FOLD1 + (keys & np.uint64(1))).astype(np.int8)
         for s, threshold in self.thresholds.items():
             out[(strata == s) & (keys <= threshold)] = TEST
@@ -296,6 +308,12 @@ class CentredQR:
         shift = sum(s.n * s.shift for s in states) / n
         return cls(R=_r_factor(np.concatenate([s.shifted(shift) for s in states])),
                    shift=shift, n=n)
+
+    def columns(self, cols: np.ndarray) -> "CentredQR":
+        """The state of the columns ``cols`` of ``A`` alone: ``[1 | A - shift] = Q R`` gives
+        ``[1 | A[:, cols] - shift[cols]] = Q R[:, [0] + 1 + cols]``, re-factorised (exact)."""
+        R = _r_factor(self.R[:, np.concatenate([[0], 1 + np.asarray(cols)])])
+        return CentredQR(R=R, shift=self.shift[cols], n=self.n)
 
     def mean(self) -> np.ndarray:
         ones = self.R[:, 0]
@@ -413,14 +431,9 @@ def _merge_neighbours(*parts: tuple[np.ndarray, np.ndarray, int]):
     return np.take_along_axis(d2, order, axis=1), np.take_along_axis(rows, order, axis=1), k
 
 
-def _block_neighbours(source, i, offset, split, scaling, test_x, k):
-    """The ``k`` nearest train rows of this block for every scaled test row."""
-    block = source.read(i, offset)
-    train = np.isin(split.labels(block), (FOLD1, FOLD2))
-    mean, sx = scaling[0], scaling[1]
-    dx = test_x.shape[1]
-    Xs = (np.asarray(block.X[train], dtype=np.float64) - mean[:dx]) / sx
-    rows = block.row[train]
+def _nearest_in_block(Xs: np.ndarray, rows: np.ndarray, test_x: np.ndarray, k: int):
+    """The ``k`` nearest of the scaled train rows ``Xs`` (row numbers ``rows``) for every
+    scaled test row, as ``(squared distances, row numbers, k)``."""
     kk = min(k, len(rows))
     if kk == 0:
         return np.empty((len(test_x), 0)), np.empty((len(test_x), 0), np.int64), k
@@ -436,6 +449,53 @@ def _block_neighbours(source, i, offset, split, scaling, test_x, k):
         d2_out[start: start + len(q)] = np.take_along_axis(d2, part, axis=1)
         row_out[start: start + len(q)] = rows[part]
     return _merge_neighbours((d2_out, row_out, k))
+
+
+def _block_neighbours(source, i, offset, split, scaling, test_x, k):
+    """The ``k`` nearest train rows of this block for every scaled test row."""
+    block = source.read(i, offset)
+    train = np.isin(split.labels(block), (FOLD1, FOLD2))
+    mean, sx = scaling[0], scaling[1]
+    dx = test_x.shape[1]
+    Xs = (np.asarray(block.X[train], dtype=np.float64) - mean[:dx]) / sx
+    return _nearest_in_block(Xs, block.row[train], test_x, k)
+
+
+def _group_rows(block: "SidesBlock", keys, strata, patterns, split) -> np.ndarray:
+    """The block's train rows of a group of pairs (rows of its patterns, not test rows)."""
+    rows = np.isin(_pattern(block.present), patterns)
+    rows[rows] = split.label_keys(keys[rows], strata[rows]) != TEST
+    return rows
+
+
+def _block_neighbours_joint(source, i, offset, template, queries):
+    """Per group of pairs (same source, same rows): the ``k`` nearest train rows of this
+    block for every scaled test row of the group."""
+    block = source.read(i, offset)
+    keys = split_keys(block.ids["structure_id"], block.ids["atom_index"], template.seed)
+    strata = template._strata(block.ids)
+    out = []
+    for a, patterns, split, mean_x, sx, test_x, k in queries:
+        train = _group_rows(block, keys, strata, patterns, split)
+        Xs = (np.asarray(block.X[a][train], dtype=np.float64) - mean_x) / sx
+        out.append(_nearest_in_block(Xs, block.row[train], test_x, k))
+    return out
+
+
+def _merge_neighbour_lists(*parts):
+    return [_merge_neighbours(*group) for group in zip(*parts)]
+
+
+def _block_gather_joint(source, i, offset, wanted):
+    """Per group: the wanted rows of this block, ``[X_source | X_target ...]`` in float64."""
+    block = source.read(i, offset)
+    out = []
+    for a, _, targets, rows in wanted:
+        take = np.isin(block.row, rows)
+        out.append((block.row[take],
+                    np.concatenate([np.asarray(block.X[m][take], dtype=np.float64)
+                                    for m in (a, *targets)], axis=1)))
+    return out
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
@@ -473,34 +533,43 @@ class ScaleResult:
     groups: dict[str, np.ndarray]  # per test row (Z, subset, ...)
 
 
-def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
-                            n_local_points: int | None = None,
-                            executor=None) -> ScaleResult:
-    """GFRE / GFRD / LFRE of ``Y`` from ``X`` (and their linear CKA) over the blocks of ``source``.
+@dataclass
+class _Fitted:
+    """One pair's fit from its reduced statistics: the scaling, the test rows scaled, and the
+    global measures (LFRE is added once its neighbours are known)."""
 
-    ``metrics``: any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"``; LFRE's
-    ``n_local_points`` defaults to ``min(dx, dy)`` (the paper's choice). The definitions and
-    the defaults are those of :mod:`latentray.reconstruction` (skmatter's); the module
-    docstring says how they are computed here.
-    """
-    executor = executor or SerialExecutor()
-    metrics = tuple(metrics)
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}")
-    src = executor.put(source)
-    n = source.n_blocks
+    mean: np.ndarray  # (dx + dy,) train means
+    sx: float
+    sy: float
+    dx: int
+    x_test: np.ndarray  # scaled test rows, in row order
+    y_test: np.ndarray
+    test: _TestRows
+    n_train: int
+    alpha: float
+    values: dict[str, float]
+    pointwise: dict[str, np.ndarray]
 
-    # 1. ids: row counts (-> row numbers) and, for a hash split, the test thresholds
-    ids = executor.get(executor.map(_block_ids, [(src, i, split) for i in range(n)]))
-    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
-    if hasattr(split, "summarise"):
-        split.resolve(split.merge(*[s for _, s in ids]))
-    sp = executor.put(split)
+    @property
+    def scale(self) -> np.ndarray:
+        dy = len(self.mean) - self.dx
+        return np.concatenate([np.full(self.dx, self.sx), np.full(dy, self.sy)])
 
-    # 2. mergeable statistics, tree-reduced
-    stats = executor.reduce(_Statistics.merge, executor.map(
-        _block_statistics, [(src, i, int(offsets[i]), sp) for i in range(n)]))
+    def add(self, metric: str, errors: np.ndarray) -> None:
+        self.pointwise[metric] = errors
+
+    def result(self) -> ScaleResult:
+        values = dict(self.values)
+        for metric, errors in self.pointwise.items():
+            values[metric] = float(np.linalg.norm(errors) / np.sqrt(len(errors)))
+        return ScaleResult(values=values, alpha=self.alpha, n_train=self.n_train,
+                           n_test=len(self.test.row), test_row=self.test.row,
+                           pointwise=self.pointwise, groups=self.test.groups)
+
+
+def _fit_statistics(stats: _Statistics, metrics: tuple[str, ...]) -> _Fitted:
+    """Scaling, the 2-fold cutoff fit and GFRE / GFRD / CKA from a pair's reduced statistics
+    (the module docstring's step 2)."""
     if stats.folds[0] is None or stats.folds[1] is None:
         raise ValueError("both folds need training rows")
     f1, f2 = stats.folds
@@ -539,10 +608,44 @@ def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
         pointwise["gfrd"] = np.linalg.norm(diff, axis=1)
     if "cka" in metrics:
         values["cka"] = linear_cka(Rc, dx)
+    return _Fitted(mean=mean, sx=sx, sy=sy, dx=dx, x_test=x_test, y_test=y_test, test=test,
+                   n_train=train.n, alpha=float(alpha[0]), values=values, pointwise=pointwise)
+
+
+def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
+                            n_local_points: int | None = None,
+                            executor=None) -> ScaleResult:
+    """GFRE / GFRD / LFRE of ``Y`` from ``X`` (and their linear CKA) over the blocks of ``source``.
+
+    ``metrics``: any of ``"gfre"``, ``"gfrd"``, ``"lfre"``, ``"cka"``; LFRE's
+    ``n_local_points`` defaults to ``min(dx, dy)`` (the paper's choice). The definitions and
+    the defaults are those of :mod:`latentray.reconstruction` (skmatter's); the module
+    docstring says how they are computed here.
+    """
+    executor = executor or SerialExecutor()
+    metrics = tuple(metrics)
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}")
+    src = executor.put(source)
+    n = source.n_blocks
+
+    # 1. ids: row counts (-> row numbers) and, for a hash split, the test thresholds
+    ids = executor.get(executor.map(_block_ids, [(src, i, split) for i in range(n)]))
+    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
+    if hasattr(split, "summarise"):
+        split.resolve(split.merge(*[s for _, s in ids]))
+    sp = executor.put(split)
+
+    # 2. mergeable statistics, tree-reduced, and the fit
+    fitted = _fit_statistics(executor.reduce(_Statistics.merge, executor.map(
+        _block_statistics, [(src, i, int(offsets[i]), sp) for i in range(n)])), metrics)
+    dx, dy = fitted.dx, len(fitted.mean) - fitted.dx
+    mean, scale, x_test, y_test = fitted.mean, fitted.scale, fitted.x_test, fitted.y_test
     if "lfre" in metrics:
         k = min(dx, dy) if n_local_points is None else int(n_local_points)
         tx = executor.put(x_test)
-        scaling = executor.put((mean, sx))
+        scaling = executor.put((mean, fitted.sx))
         _, rows, _ = executor.reduce(_merge_neighbours, executor.map(
             _block_neighbours, [(src, i, int(offsets[i]), sp, scaling, tx, k) for i in range(n)]))
         wanted = np.unique(rows)
@@ -553,10 +656,346 @@ def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
         by_row = np.argsort(g_rows)
         G = (np.concatenate([g[1] for g in gathered])[by_row] - mean) / scale
         neighbours = np.searchsorted(g_rows[by_row], rows)
-        pointwise["lfre"] = _local_errors_default(G[:, :dx], x_test, G[:, dx:], y_test,
-                                                  neighbours)
-    for metric, errors in pointwise.items():
-        values[metric] = float(np.linalg.norm(errors) / np.sqrt(len(errors)))
-    return ScaleResult(values=values, alpha=float(alpha[0]), n_train=train.n,
-                       n_test=len(test.row), test_row=test.row, pointwise=pointwise,
-                       groups=test.groups)
+        fitted.add("lfre", _local_errors_default(G[:, :dx], x_test,
+                                                 [(G[:, dx:], y_test, neighbours.shape[1])],
+                                                 neighbours)[0])
+    return fitted.result()
+
+
+# --------------------------------------------------------------------------------------------
+# every pair of several sides in one pass
+
+
+@dataclass
+class SidesBlock:
+    """The rows of several sides (models, layers) side by side: the union of their rows.
+
+    ``X[m]``: side ``m``'s features, ``(n, w_m)``, zero where the side has no row (a structure
+    its model could not process); ``present``: ``(n, M)`` which sides have each row.
+    """
+
+    X: list[np.ndarray]
+    present: np.ndarray
+    row: np.ndarray
+    ids: dict[str, np.ndarray]
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class SidesSource(Protocol):
+    """Rows of ``M`` sides in blocks: ``widths`` (per side), ``ids(i)`` (as a
+    :class:`BlockSource`'s, plus ``present``) and ``read(i, offset)`` (a :class:`SidesBlock`)."""
+
+    n_blocks: int
+    widths: list[int]
+
+    def ids(self, i: int) -> dict[str, np.ndarray]: ...
+
+    def read(self, i: int, offset: int) -> SidesBlock: ...
+
+
+class ArraySides:
+    """In-memory sides for tests and benchmarks: ``Xs`` (each ``(n, w_m)``) and ``present``
+    (``(n, M)``, default all), cut into blocks of ``block_rows``."""
+
+    def __init__(self, Xs, present=None, block_rows: int = 65536, structure_id=None,
+                 atom_index=None, stratum=None, groups: dict[str, np.ndarray] | None = None):
+        self.Xs = [np.asarray(X) for X in Xs]
+        n = len(self.Xs[0])
+        self.present = (np.ones((n, len(self.Xs)), bool) if present is None
+                        else np.asarray(present, bool))
+        self.widths = [X.shape[1] for X in self.Xs]
+        self.block_rows = int(block_rows)
+        self.n_blocks = max(1, -(-n // self.block_rows))
+        self.structure_id = (np.arange(n).astype(str) if structure_id is None
+                             else np.asarray(structure_id))
+        self.atom_index = np.zeros(n, np.int64) if atom_index is None else np.asarray(atom_index)
+        self.stratum = None if stratum is None else np.asarray(stratum)
+        self.groups = groups or {}
+
+    def _slice(self, i: int) -> slice:
+        return slice(i * self.block_rows, min((i + 1) * self.block_rows, len(self.present)))
+
+    def ids(self, i: int) -> dict[str, np.ndarray]:
+        s = self._slice(i)
+        return {"structure_id": self.structure_id[s],
+                "atom_index": self.atom_index[s],
+                "stratum": None if self.stratum is None else self.stratum[s],
+                "present": self.present[s]}
+
+    def read(self, i: int, offset: int) -> SidesBlock:
+        s = self._slice(i)
+        return SidesBlock(X=[X[s] for X in self.Xs], present=self.present[s],
+                          row=offset + np.arange(s.stop - s.start), ids=self.ids(i),
+                          groups={k: np.asarray(v)[s] for k, v in self.groups.items()})
+
+    def pair(self, a: int, b: int, block_rows: int | None = None) -> ArraySource:
+        """The rows sides ``a`` and ``b`` share, as the one-pair source (for comparisons)."""
+        rows = self.present[:, a] & self.present[:, b]
+        return ArraySource(self.Xs[a][rows], self.Xs[b][rows], block_rows or self.block_rows,
+                           structure_id=self.structure_id[rows],
+                           atom_index=self.atom_index[rows],
+                           stratum=None if self.stratum is None else self.stratum[rows],
+                           groups={k: np.asarray(v)[rows] for k, v in self.groups.items()})
+
+
+def _pattern(present: np.ndarray) -> np.ndarray:
+    """Which sides have each row, as a bit mask (bit ``m``: side ``m``)."""
+    return np.asarray(present, np.int64) @ (np.int64(1) << np.arange(present.shape[1],
+                                                                      dtype=np.int64))
+
+
+def _sides_of(pattern: int, n_sides: int) -> list[int]:
+    return [m for m in range(n_sides) if pattern >> m & 1]
+
+
+def _has(pattern: int, *sides: int) -> bool:
+    return all(pattern >> m & 1 for m in sides)
+
+
+@dataclass
+class _Candidates:
+    """Rows set aside from the fold states of one pattern: those that are a test row for
+    some pair (key at most the largest of the pairs' thresholds in their stratum)."""
+
+    A: np.ndarray  # (t, sum of the pattern's widths) float64
+    key: np.ndarray  # (t,) uint64
+    stratum: np.ndarray  # (t,) object
+    row: np.ndarray
+    groups: dict[str, np.ndarray]
+
+    @staticmethod
+    def concat(parts: Sequence["_Candidates"]) -> "_Candidates":
+        names = set().union(*(p.groups for p in parts))
+        return _Candidates(*(np.concatenate([getattr(p, f) for p in parts])
+                             for f in ("A", "key", "stratum", "row")),
+                           groups={g: np.concatenate([p.groups[g] for p in parts])
+                                   for g in names})
+
+
+@dataclass
+class _JointStatistics:
+    """Per pattern (which sides processed a row): the fold states of all its sides' columns
+    side by side, and the candidate test rows as they are."""
+
+    folds: dict[int, list[CentredQR | None]]
+    candidates: dict[int, _Candidates]
+
+    @staticmethod
+    def merge(*parts: "_JointStatistics") -> "_JointStatistics":
+        folds, candidates = {}, {}
+        for p in set().union(*(part.folds for part in parts)):
+            folds[p] = []
+            for f in range(2):
+                states = [part.folds[p][f] for part in parts
+                          if p in part.folds and part.folds[p][f] is not None]
+                folds[p].append(CentredQR.merge(*states) if states else None)
+        for p in set().union(*(part.candidates for part in parts)):
+            candidates[p] = _Candidates.concat([part.candidates[p] for part in parts
+                                                if p in part.candidates])
+        return _JointStatistics(folds=folds, candidates=candidates)
+
+
+def _block_ids_joint(source, i: int, split: "HashSplit"):
+    """Row count of block ``i`` and, per pattern, the split's summary of its rows."""
+    ids = source.ids(i)
+    pattern = _pattern(ids["present"])
+    out = {}
+    for p in np.unique(pattern).tolist():
+        rows = pattern == p
+        out[p] = split.summarise({k: (None if v is None else v[rows]) for k, v in ids.items()
+                                  if k != "present"})
+    return len(pattern), out
+
+
+def _block_joint_statistics(source, i: int, offset: int, split: "HashSplit",
+                            candidate_thresholds: dict[int, dict]) -> _JointStatistics:
+    """Fold states per pattern of all the pattern's sides, and the candidate rows."""
+    block = source.read(i, offset)
+    keys = split_keys(block.ids["structure_id"], block.ids["atom_index"], split.seed)
+    strata = split._strata(block.ids)
+    pattern = _pattern(block.present)
+    folds, candidates = {}, {}
+    for p in np.unique(pattern).tolist():
+        sides = _sides_of(p, len(block.X))
+        rows = np.flatnonzero(pattern == p)
+        cand = np.zeros(len(rows), bool)
+        for s, threshold in candidate_thresholds.get(p, {}).items():
+            cand |= (strata[rows] == s) & (keys[rows] <= threshold)
+        fold = np.where(keys[rows] & np.uint64(1), FOLD2, FOLD1)
+        width = sum(block.X[m].shape[1] for m in sides)
+        step = max(1, _BLOCK_ELEMENTS // (width + 1))
+        states: dict[int, list[CentredQR]] = {FOLD1: [], FOLD2: []}
+        parts = []
+        for start in range(0, len(rows), step):
+            r = rows[start: start + step]
+            A = np.concatenate([np.asarray(block.X[m][r], dtype=np.float64) for m in sides],
+                               axis=1)
+            bad = ~np.all(np.isfinite(A), axis=1)
+            if bad.any():
+                raise ValueError(f"block {i}: rows with NaN or infinite values (first: row "
+                                 f"{int(block.row[r][bad][0])})")
+            c, f = cand[start: start + step], fold[start: start + step]
+            for label, states_f in states.items():
+                take = ~c & (f == label)
+                if take.any():
+                    states_f.append(CentredQR.of(A[take]))
+            parts.append(_Candidates(A=A[c], key=keys[r][c], stratum=strata[r][c],
+                                     row=block.row[r][c],
+                                     groups={g: v[r][c] for g, v in block.groups.items()}))
+        folds[p] = [CentredQR.merge(*states[f]) if states[f] else None for f in (FOLD1, FOLD2)]
+        candidates[p] = _Candidates.concat(parts)
+    return _JointStatistics(folds=folds, candidates=candidates)
+
+
+def _columns_in(pattern: int, widths: Sequence[int], *sides: int) -> np.ndarray:
+    """Where the columns of ``sides`` lie among a pattern's sides' columns side by side."""
+    starts, at = {}, 0
+    for m in _sides_of(pattern, len(widths)):
+        starts[m], at = at, at + widths[m]
+    return np.concatenate([starts[m] + np.arange(widths[m]) for m in sides])
+
+
+def _pair_statistics(joint: _JointStatistics, widths: Sequence[int], a: int, b: int,
+                     split: "HashSplit") -> _Statistics:
+    """The statistics of the one-pair pass of ``a -> b``, from the joint ones.
+
+    The rows of the pair are those of every pattern holding both sides. A pattern's fold
+    state restricted to the pair's columns: with ``[1 | A - c] = Q R``, the columns ``S`` of
+    it are ``Q R[:, S]``, so ``qr(R[:, [0] + 1 + S])`` is the R factor of
+    ``[1 | A[:, S] - c[S]]``, an exact :class:`CentredQR` of those columns; states of
+    different patterns (disjoint rows) merge as any two. The candidate rows that are not a
+    test row of this pair (key above its threshold) join their folds.
+    """
+    folds: list[list[CentredQR]] = [[], []]
+    tests = []
+    for p, states in joint.folds.items():
+        if _has(p, a, b):
+            cols = _columns_in(p, widths, a, b)
+            for f, state in enumerate(states):
+                if state is not None:
+                    folds[f].append(state.columns(cols))
+    for p, cand in joint.candidates.items():
+        if _has(p, a, b) and len(cand.row):
+            A = cand.A[:, _columns_in(p, widths, a, b)]
+            label = split.label_keys(cand.key, cand.stratum)
+            for f, fold in enumerate((FOLD1, FOLD2)):
+                if np.any(label == fold):
+                    folds[f].append(CentredQR.of(A[label == fold]))
+            test = label == TEST
+            tests.append(_TestRows(A=A[test], row=cand.row[test],
+                                   groups={g: v[test] for g, v in cand.groups.items()}))
+    if not tests:
+        tests.append(_TestRows(A=np.zeros((0, widths[a] + widths[b])), row=np.zeros(0, np.int64),
+                               groups={}))
+    return _Statistics(folds=[CentredQR.merge(*states) if states else None for states in folds],
+                       test=_TestRows.concat(tests), dx=widths[a])
+
+
+def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_test: int,
+                       seed: int = 0, stratified: bool = True, at_most_half: bool = False,
+                       metrics=("gfre",), executor=None) -> dict[tuple[int, int], ScaleResult]:
+    """:func:`reconstruction_at_scale` with a :class:`HashSplit` for every ordered pair of
+    sides in ``pairs`` (side indices), from one pass over the blocks per stage. ``metrics``:
+    for every pair, or a dict pair -> its metrics.
+
+    1. **ids**, once: per *pattern* (the set of sides that have a row: a model that cannot
+       process a structure has none of its rows) and stratum, the row count and the
+       ``n_test`` smallest keys. A pair's rows are those of the patterns holding both its
+       sides, so its split (:meth:`HashSplit.resolve`) follows from their summaries: each
+       pair keeps exactly its own rows and test rows.
+    2. **statistics**, once: per pattern and fold, the :class:`CentredQR` state of all the
+       pattern's sides' columns side by side (``(1 + sum of widths)^2`` numbers); rows that
+       are a test row of some pair (key at most the largest of those pairs' thresholds, so at
+       most ``n_test`` per pattern and stratum) are kept aside as they are. A pair's fold
+       states are the joint ones restricted to its columns (:func:`_pair_statistics`, exact),
+       plus its candidates that are not its test rows; from there the fit is the one-pair fit.
+    3. and 4. **LFRE**: the pairs of one source and the same rows share their split, the
+       source's scaling and test rows: one neighbour search for the largest ``k`` of the
+       group and one gather of the group's rows (source and targets), then the local fits
+       with the source's factorizations shared (:func:`_local_errors_default`).
+
+    Per-pair results equal :func:`reconstruction_at_scale`'s on the pair's rows to rounding
+    (the states merge in another order). Memory per task: one block plus one joint state per
+    pattern and fold; the driver holds every pattern's states and candidates.
+    """
+    executor = executor or SerialExecutor()
+    pairs = [tuple(pair) for pair in pairs]
+    wanted_metrics = {pair: tuple(metrics[pair] if isinstance(metrics, dict) else metrics)
+                      for pair in pairs}
+    unknown = set().union(*wanted_metrics.values()) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}")
+    widths = list(source.widths)
+    template = HashSplit(n_test, seed=seed, stratified=stratified, at_most_half=at_most_half)
+    src = executor.put(source)
+    n = source.n_blocks
+
+    # 1. ids: row counts, and per pattern the split's summary
+    ids = executor.get(executor.map(_block_ids_joint, [(src, i, template) for i in range(n)]))
+    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
+    summaries: dict[int, list] = {}
+    for _, per_pattern in ids:
+        for p, summary in per_pattern.items():
+            summaries.setdefault(p, []).append(summary)
+    summaries = {p: template.merge(*s) for p, s in summaries.items()}
+    splits, patterns_of = {}, {}
+    for a, b in pairs:
+        patterns_of[a, b] = tuple(sorted(p for p in summaries if _has(p, a, b)))
+        if not patterns_of[a, b]:
+            raise ValueError(f"sides {a} and {b} share no rows")
+        split = HashSplit(n_test, seed=seed, stratified=stratified, at_most_half=at_most_half)
+        splits[a, b] = split.resolve(template.merge(*[summaries[p] for p in patterns_of[a, b]]))
+    candidate_thresholds: dict[int, dict] = {}
+    for (a, b), split in splits.items():
+        for p in patterns_of[a, b]:
+            for s, threshold in split.thresholds.items():
+                c = candidate_thresholds.setdefault(p, {})
+                c[s] = max(c.get(s, np.uint64(0)), threshold)
+
+    # 2. joint statistics, tree-reduced; then every pair's fit
+    joint = executor.reduce(_JointStatistics.merge, executor.map(
+        _block_joint_statistics,
+        [(src, i, int(offsets[i]), template, candidate_thresholds) for i in range(n)]))
+    fitted = {(a, b): _fit_statistics(_pair_statistics(joint, widths, a, b, splits[a, b]),
+                                      wanted_metrics[a, b]) for a, b in pairs}
+
+    # 3. and 4. LFRE, per group of pairs with the same source and rows
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for a, b in pairs:
+        if "lfre" in wanted_metrics[a, b]:
+            groups.setdefault((a, patterns_of[a, b]), []).append((a, b))
+    if groups:
+        queries = []
+        for (a, patterns), members in groups.items():
+            first = fitted[members[0]]
+            k = max(min(widths[a], widths[b]) for _, b in members)
+            queries.append((a, patterns, splits[members[0]], first.mean[:first.dx], first.sx,
+                            first.x_test, k))
+        q = executor.put(queries)
+        found = executor.reduce(_merge_neighbour_lists, executor.map(
+            _block_neighbours_joint, [(src, i, int(offsets[i]), template, q)
+                                      for i in range(n)]))
+        wanted = [(a, patterns, [b for _, b in members], np.unique(rows))
+                  for ((a, patterns), members), (_, rows, _) in zip(groups.items(), found)]
+        w = executor.put(wanted)
+        gathered = executor.get(executor.map(
+            _block_gather_joint, [(src, i, int(offsets[i]), w) for i in range(n)]))
+        for g, ((a, patterns), members) in enumerate(groups.items()):
+            g_rows = np.concatenate([part[g][0] for part in gathered])
+            by_row = np.argsort(g_rows)
+            G = np.concatenate([part[g][1] for part in gathered])[by_row]
+            neighbours = np.searchsorted(g_rows[by_row], found[g][1])
+            first = fitted[members[0]]
+            dx = widths[a]
+            Gx = (G[:, :dx] - first.mean[:dx]) / first.sx
+            targets, at = [], dx
+            for pair in members:
+                f = fitted[pair]
+                dy = widths[pair[1]]
+                Gy = (G[:, at: at + dy] - f.mean[dx:]) / f.sy
+                targets.append((Gy, f.y_test, min(dx, dy, neighbours.shape[1])))
+                at += dy
+            errors = _local_errors_default(Gx, first.x_test, targets, neighbours)
+            for pair, e in zip(members, errors):
+                fitted[pair].add("lfre", e)
+    return {pair: f.result() for pair, f in fitted.items()}
