@@ -13,11 +13,12 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..reader import Run
 from ..store import Store, features_matrix
-from ..method.streaming import Block
+from ..method.streaming import Block, SidesBlock
 
 _ID_COLUMNS = ["structure_id", "structure_index", "atom_index"]
 
@@ -116,3 +117,83 @@ class PairSource:
         if self.kind == "latents":
             groups["Z"] = a["Z"].to_numpy()
         return Block(X=X, Y=Y, row=offset + np.arange(a.num_rows), ids=ids, groups=groups)
+
+
+@dataclass
+class ModelSides:
+    """Several ``(model, layer)`` sides of ``dataset``, by shard, for one pass over all their
+    pairs (:func:`latentray.method.streaming.all_pairs_at_scale`).
+
+    Block ``i`` is dataset shard ``shards[i]``: the union of the sides' rows (atoms or
+    structures) in dataset order, each side's features where its model processed the
+    structure (zeros elsewhere, ``present`` says which). ``kind``, ``order``,
+    ``sum_pooling`` and ``stratify`` as in :class:`PairSource` (one order for every side).
+    """
+
+    uri: str
+    dataset: str
+    sides: list[tuple[str, str]]
+    shards: list[int]
+    widths: list[int]
+    kind: str = "latents"
+    order: int = 1
+    sum_pooling: bool = False
+    stratify: bool = True
+
+    def __post_init__(self):
+        self.n_blocks = len(self.shards)
+        self._pairs = [PairSource(self.uri, self.dataset, side, side, self.shards, self.kind,
+                                  (self.order, self.order), self.sum_pooling, self.stratify)
+                       for side in self.sides]
+
+    def _union(self, i: int, features: bool):
+        """Every side's table of block ``i``, and the union of their rows in dataset order
+        with, per side, where its rows lie in the union."""
+        tables = [pair._read(0, i, pair._columns(features)) for pair in self._pairs]
+        keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
+        tables = [(t.sort_by([(k, "ascending") for k in keys]), path) for t, path in tables]
+        codes = [t["structure_index"].to_numpy().astype(np.int64) << 32
+                 | (t["atom_index"].to_numpy().astype(np.int64) if len(keys) > 1 else 0)
+                 for t, _ in tables]  # (structure, atom) as one sortable integer
+        union, first = np.unique(np.concatenate(codes), return_index=True)
+        where = [np.searchsorted(union, c) for c in codes]
+        check = "Z" if self.kind == "latents" else "n_atoms"
+        joined = pa.concat_tables([t.select(keys + [check, "structure_id"]
+                                            + (["subset"] if self.kind == "cumulants" else []))
+                                   for t, _ in tables])
+        rows = joined.take(pa.array(first))
+        for (t, path), w in zip(tables, where):
+            if not np.array_equal(t[check].to_numpy(), rows[check].to_numpy()[w]):
+                raise RuntimeError(f"{path}: rows of shared structures do not align on "
+                                   f"{check!r} with the other sides")
+        return tables, rows, where
+
+    def _present(self, n: int, where) -> np.ndarray:
+        present = np.zeros((n, len(self.sides)), bool)
+        for m, w in enumerate(where):
+            present[w, m] = True
+        return present
+
+    def ids(self, i: int) -> dict[str, np.ndarray]:
+        _, rows, where = self._union(i, features=False)
+        ids = self._pairs[0]._ids(i, rows)
+        ids["present"] = self._present(rows.num_rows, where)
+        return ids
+
+    def read(self, i: int, offset: int) -> SidesBlock:
+        tables, rows, where = self._union(i, features=True)
+        n = rows.num_rows
+        ids = self._pairs[0]._ids(i, rows)
+        X = []
+        for (t, _), w, width in zip(tables, where, self.widths):
+            part = features_matrix(t["features"], int(t.schema.metadata[b"latentray.width"]))
+            if self.sum_pooling:
+                part = part * t["n_atoms"].to_numpy().astype(np.float64)[:, None]
+            full = np.zeros((n, width), part.dtype)  # as stored: float32 latents, float64 cumulants
+            full[w] = part
+            X.append(full)
+        groups = {"subset": ids["stratum"] if self.stratify else self._pairs[0]._subset(i, rows)}
+        if self.kind == "latents":
+            groups["Z"] = rows["Z"].to_numpy()
+        return SidesBlock(X=X, present=self._present(n, where), row=offset + np.arange(n),
+                          ids=ids, groups=groups)

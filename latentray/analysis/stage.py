@@ -24,7 +24,8 @@ from ..results import GROUP_COLUMNS, LAYER_ANALYSIS, ORDER_COLUMNS, RESULT_COLUM
 from ..store import Store
 from .cumulant_stage import shard_cumulants
 from .fit_cache import cumulant_code, digest, fit_code, fit_key, read_fits, write_fits
-from .fits import _in_memory_launchers, _streaming_launcher, fit_in_memory
+from .fits import (InMemoryFits, StreamedFits, _in_memory_launchers, _Pending,
+                   _streaming_launcher)
 from .maps import MAP_COLUMNS, model_map, sample
 from .plan import Comparison, comparisons, concrete_layer, fit_path
 
@@ -39,8 +40,9 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
     and ``results/by_group.{csv,parquet}``."""
     import ray
 
-    fit = ray.remote(num_cpus=1)(fit_in_memory)
     a = config.analyses
+    fits = InMemoryFits()
+    streamed = StreamedFits(store, a)
     seeds = (a.seed, *a.spread_seeds)
     jobs: list[tuple[dict, tuple, str, object]] = []
     cache = read_fits(store)
@@ -108,7 +110,7 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
             if path == "in-memory":
                 launchers = _in_memory_launchers(
                     store, d, {m: (m, layer) for m, layer in chosen.items()}, n_shards, a,
-                    fit, log)
+                    fits, log)
             for src, tgt, comparison, metrics in tasks:
                 n_left = len(np.union1d(failed[src], failed[tgt]))
                 for seed in seeds:
@@ -123,18 +125,23 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
                         launch = launchers(src, tgt, comparison, seed)
                         row.update(launch.sizes)
                     else:
-                        launch = _streaming_launcher(store, d.name, (src, chosen[src]),
-                                                     (tgt, chosen[tgt]), comparison, seed,
-                                                     n_shards, a, stratified)
+                        launch = _streaming_launcher(
+                            store, d.name, (src, chosen[src], widths[src]),
+                            (tgt, chosen[tgt], widths[tgt]), comparison, seed, n_shards, a,
+                            stratified, streamed)
                     submit(row, metrics, inputs, stratified, launch)
         if a.layer_metrics:
             for m in models:
                 _layer_analysis(store, d, m, extraction, n_shards, a, seeds, n_all,
-                                len(failed[m]), stratified, fit,
+                                len(failed[m]), stratified, fits, streamed,
                                 lambda row, launch: submit(row, a.layer_metrics, inputs,
                                                            stratified, launch), info, log)
 
     t0 = time.perf_counter()
+    fits.flush()
+    streamed.flush()
+    jobs = [(base, metrics, key, future.ref if isinstance(future, _Pending) else future)
+            for base, metrics, key, future in jobs]
     pending = [future for *_, future in jobs if future is not None]
     log("analyse", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
                    f"unchanged), {len(pending)} to run")
@@ -183,7 +190,8 @@ def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]
 
 
 def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int, a,
-                    seeds: tuple, n_all: int, n_failed: int, stratified: bool, fit, submit,
+                    seeds: tuple, n_all: int, n_failed: int, stratified: bool,
+                    fits: InMemoryFits, streamed: StreamedFits, submit,
                     info: dict, log) -> None:
     """Within one model, at atom level: ``ll -> bbK`` and ``bbK -> ll`` for every extracted
     backbone layer K (how much of each layer the last layer keeps, and the reverse)."""
@@ -199,7 +207,8 @@ def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int
     info["paths"][f"{d.name}/{model}/{LAYER_ANALYSIS}"] = path
     atoms = Comparison("atom", "atoms")
     if path == "in-memory":
-        launchers = _in_memory_launchers(store, d, sides, n_shards, a, fit, log, structure=False)
+        launchers = _in_memory_launchers(store, d, sides, n_shards, a, fits, log,
+                                         structure=False)
     for layer in backbone:
         for src, tgt in ((layer, "ll"), ("ll", layer)):
             for seed in seeds:
@@ -212,8 +221,9 @@ def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int
                     launch = launchers(src, tgt, atoms, seed)
                     row.update(launch.sizes)
                 else:
-                    launch = _streaming_launcher(store, d.name, sides[src], sides[tgt], atoms,
-                                                 seed, n_shards, a, stratified)
+                    launch = _streaming_launcher(
+                        store, d.name, (*sides[src], widths[src]), (*sides[tgt], widths[tgt]),
+                        atoms, seed, n_shards, a, stratified, streamed)
                 submit(row, launch)
 
 
