@@ -292,3 +292,25 @@ def test_bad_rows_name_their_block():
                                 IndexSplit(len(X), train, test), ("gfre",))
     with pytest.raises(ValueError, match="unknown metrics"):
         reconstruction_at_scale(ArraySource(X, Y), IndexSplit(len(X), train, test), ("rmse",))
+
+
+@pytest.mark.parametrize("max_width", [10_000, 300, 128])
+def test_streamed_fits_gather_every_pair_into_passes_of_bounded_width(max_width):
+    """The analysis's passes: every fit in exactly one pass that holds both its sides, no
+    pass wider than the limit allows (blocks of half of it, two blocks per pass), one pass
+    when everything fits."""
+    ray = pytest.importorskip("ray")
+    from latentray.analysis.fits import StreamedFits
+
+    del ray
+    sides = [(f"m{i}", "bb", w) for i, w in enumerate([64, 128, 128, 64, 100])]
+    fits = [(s, t, ("gfre",), None) for s in sides for t in sides if s != t]
+    fits.append((("m0", "ll", 64), ("m0", "bb", 64), ("gfre",), None))
+    passes = StreamedFits(None, None, max_width=max_width)._passes(fits)
+    seen = [id(f) for _, members in passes for f in members]
+    assert sorted(seen) == sorted(id(f) for f in fits)
+    for pass_sides, members in passes:
+        assert all(f[0] in pass_sides and f[1] in pass_sides for f in members)
+        blocks_limit = max(max_width, 2 * max(s[2] for s in pass_sides))
+        assert sum(s[2] for s in pass_sides) <= blocks_limit
+    assert (len(passes) == 1) == (max_width >= sum(s[2] for s in sides) + 64)

@@ -11,6 +11,10 @@ same measures:
   (:mod:`latentray.method.streaming`), never holding a model's rows whole, with the split
   rule that needs no per-row state (:class:`~latentray.method.streaming.HashSplit`).
 
+Both gather what can be shared: in memory, the fits of one source side on the same rows and
+split are one task (:class:`InMemoryFits`); streamed, all pairs of one kind of rows are one
+pass over the shards of all their models (:class:`StreamedFits`).
+
 This module and the modules it imports are the code a fit's numbers depend on
 (:mod:`latentray.analysis.fit_cache`): orchestration lives in :mod:`latentray.analysis.stage`.
 """
