@@ -1,7 +1,8 @@
 """Every ordered pair of M models, streamed from Parquet: one fit per pair against one pass.
 
     .venv/bin/python benchmarks/all_pairs.py [--sizes 1e5,1e6] [--models 2,4,8]
-        [--data /tmp/latentray-bench-pairs] [--out all_pairs.json] [--no-per-pair-above N]
+        [--data /tmp/latentray-bench-pairs] [--out all_pairs.json] [--methods per-pair,one pass]
+        [--no-per-pair-above N]
 
 For every size N (rows: atoms) and number of models M, on the same synthetic latents (M
 models x 128 features, float32, in latentray's layout: ``latents/dataset=bench/model=mK/
@@ -240,6 +241,7 @@ def main() -> None:
     parser.add_argument("--models", default="2,4,8")
     parser.add_argument("--data", default="/tmp/latentray-bench-pairs")
     parser.add_argument("--out", default="all_pairs.json")
+    parser.add_argument("--methods", default="per-pair,one pass")
     parser.add_argument("--no-per-pair-above", type=float, default=None,
                         help="skip the per-pair method above this many rows x pairs")
     args = parser.parse_args()
@@ -254,7 +256,7 @@ def main() -> None:
     for n in sizes:
         directory = ensure_data(args.data, n, max(models))
         for m in models:
-            for method in ("per-pair", "one pass"):
+            for method in args.methods.split(","):
                 work = n * m * (m - 1)
                 if method == "per-pair" and args.no_per_pair_above and \
                         work > args.no_per_pair_above:

@@ -486,16 +486,11 @@ def _merge_neighbour_lists(*parts):
     return [_merge_neighbours(*group) for group in zip(*parts)]
 
 
-def _block_gather_joint(source, i, offset, wanted):
-    """Per group: the wanted rows of this block, ``[X_source | X_target ...]`` in float64."""
+def _block_gather_joint(source, i, offset, wanted: np.ndarray):
+    """The wanted rows of this block: their numbers and every side's features, as stored."""
     block = source.read(i, offset)
-    out = []
-    for a, _, targets, rows in wanted:
-        take = np.isin(block.row, rows)
-        out.append((block.row[take],
-                    np.concatenate([np.asarray(block.X[m][take], dtype=np.float64)
-                                    for m in (a, *targets)], axis=1)))
-    return out
+    take = np.isin(block.row, wanted)
+    return block.row[take], [X[take] for X in block.X]
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
@@ -911,12 +906,14 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
        plus its candidates that are not its test rows; from there the fit is the one-pair fit.
     3. and 4. **LFRE**: the pairs of one source and the same rows share their split, the
        source's scaling and test rows: one neighbour search for the largest ``k`` of the
-       group and one gather of the group's rows (source and targets), then the local fits
-       with the source's factorizations shared (:func:`_local_errors_default`).
+       group, then the local fits with the source's factorizations shared
+       (:func:`_local_errors_default`); one gather serves all groups, each row once with every
+       side's columns as stored.
 
     Per-pair results equal :func:`reconstruction_at_scale`'s on the pair's rows to rounding
     (the states merge in another order). Memory per task: one block plus one joint state per
-    pattern and fold; the driver holds every pattern's states and candidates.
+    pattern and fold; the driver holds every pattern's states and candidates, and the
+    gathered rows: at most ``min(N, groups * n_test * k)`` rows of all ``P`` columns.
     """
     executor = executor or SerialExecutor()
     pairs = [tuple(pair) for pair in pairs]
@@ -975,16 +972,22 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
         found = executor.reduce(_merge_neighbour_lists, executor.map(
             _block_neighbours_joint, [(src, i, int(offsets[i]), template, q)
                                       for i in range(n)]))
-        wanted = [(a, patterns, [b for _, b in members], np.unique(rows))
-                  for ((a, patterns), members), (_, rows, _) in zip(groups.items(), found)]
-        w = executor.put(wanted)
+        # 4. one gather for all groups: each wanted row once, every side's columns as stored
+        # (float32 latents): at most min(N, sum over groups of n_test * k) rows
+        wanted = executor.put(np.unique(np.concatenate([rows.ravel() for _, rows, _ in found])))
         gathered = executor.get(executor.map(
-            _block_gather_joint, [(src, i, int(offsets[i]), w) for i in range(n)]))
+            _block_gather_joint, [(src, i, int(offsets[i]), wanted) for i in range(n)]))
+        all_rows = np.concatenate([part[0] for part in gathered])
+        order = np.argsort(all_rows)
+        all_rows = all_rows[order]
+        features = [np.concatenate([part[1][m] for part in gathered])[order]
+                    for m in range(len(widths))]
         for g, ((a, patterns), members) in enumerate(groups.items()):
-            g_rows = np.concatenate([part[g][0] for part in gathered])
-            by_row = np.argsort(g_rows)
-            G = np.concatenate([part[g][1] for part in gathered])[by_row]
-            neighbours = np.searchsorted(g_rows[by_row], found[g][1])
+            rows = np.unique(found[g][1])
+            at_rows = np.searchsorted(all_rows, rows)
+            neighbours = np.searchsorted(rows, found[g][1])
+            G = np.concatenate([np.asarray(features[m][at_rows], dtype=np.float64)
+                                for m in (a, *[b for _, b in members])], axis=1)
             first = fitted[members[0]]
             dx = widths[a]
             Gx = (G[:, :dx] - first.mean[:dx]) / first.sx
