@@ -142,14 +142,15 @@ class ModelSides:
 
     def __post_init__(self):
         self.n_blocks = len(self.shards)
-        self._pairs = [PairSource(self.uri, self.dataset, side, side, self.shards, self.kind,
-                                  (self.order, self.order), self.sum_pooling, self.stratify)
-                       for side in self.sides]
+        # one reader per side: a PairSource of the side with itself reads its shards and ids
+        self._readers = [PairSource(self.uri, self.dataset, side, side, self.shards, self.kind,
+                                    (self.order, self.order), self.sum_pooling, self.stratify)
+                         for side in self.sides]
 
     def _union(self, i: int, features: bool):
         """Every side's table of block ``i``, and the union of their rows in dataset order
         with, per side, where its rows lie in the union."""
-        tables = [pair._read(0, i, pair._columns(features)) for pair in self._pairs]
+        tables = [reader._read(0, i, reader._columns(features)) for reader in self._readers]
         keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
         tables = [(t.sort_by([(k, "ascending") for k in keys]), path) for t, path in tables]
         codes = [t["structure_index"].to_numpy().astype(np.int64) << 32
@@ -176,14 +177,14 @@ class ModelSides:
 
     def ids(self, i: int) -> dict[str, np.ndarray]:
         _, rows, where = self._union(i, features=False)
-        ids = self._pairs[0]._ids(i, rows)
+        ids = self._readers[0]._ids(i, rows)
         ids["present"] = self._present(rows.num_rows, where)
         return ids
 
     def read(self, i: int, offset: int) -> SidesBlock:
         tables, rows, where = self._union(i, features=True)
         n = rows.num_rows
-        ids = self._pairs[0]._ids(i, rows)
+        ids = self._readers[0]._ids(i, rows)
         X = []
         for (t, _), w, width in zip(tables, where, self.widths):
             part = features_matrix(t["features"], int(t.schema.metadata[b"latentray.width"]))
@@ -192,7 +193,7 @@ class ModelSides:
             full = np.zeros((n, width), part.dtype)  # as stored: float32 latents, float64 cumulants
             full[w] = part
             X.append(full)
-        groups = {"subset": ids["stratum"] if self.stratify else self._pairs[0]._subset(i, rows)}
+        groups = {"subset": ids["stratum"] if self.stratify else self._readers[0]._subset(i, rows)}
         if self.kind == "latents":
             groups["Z"] = rows["Z"].to_numpy()
         return SidesBlock(X=X, present=self._present(n, where), row=offset + np.arange(n),
