@@ -95,18 +95,13 @@ class BlockSource(Protocol):
     def read(self, i: int, offset: int) -> Block: ...
 
 
-class ArraySource:
-    """In-memory ``X``, ``Y`` cut into blocks of ``block_rows`` (tests, benchmarks).
+class _ArrayRows:
+    """The ids of ``n`` in-memory rows, cut into blocks of ``block_rows``: what
+    :class:`ArraySource` and :class:`ArraySides` share. ``structure_id`` defaults to the row
+    number as text (each row its own structure)."""
 
-    ``structure_id`` defaults to the row number as text (each row its own structure).
-    """
-
-    def __init__(self, X, Y, block_rows: int = 65536, structure_id=None, atom_index=None,
-                 stratum=None, groups: dict[str, np.ndarray] | None = None):
-        self.X, self.Y = np.asarray(X), np.asarray(Y)
-        if self.X.shape[0] != self.Y.shape[0]:
-            raise ValueError("X and Y must have the same number of rows")
-        n = len(self.X)
+    def __init__(self, n: int, block_rows: int, structure_id, atom_index, stratum, groups):
+        self.n_rows = n
         self.block_rows = int(block_rows)
         self.n_blocks = max(1, -(-n // self.block_rows))
         self.structure_id = (np.arange(n).astype(str) if structure_id is None
@@ -116,17 +111,31 @@ class ArraySource:
         self.groups = groups or {}
 
     def _slice(self, i: int) -> slice:
-        return slice(i * self.block_rows, min((i + 1) * self.block_rows, len(self.X)))
+        return slice(i * self.block_rows, min((i + 1) * self.block_rows, self.n_rows))
 
     def ids(self, i: int) -> dict[str, np.ndarray]:
         s = self._slice(i)
         return {"structure_id": self.structure_id[s], "atom_index": self.atom_index[s],
                 "stratum": None if self.stratum is None else self.stratum[s]}
 
+    def _groups(self, s) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v)[s] for k, v in self.groups.items()}
+
+
+class ArraySource(_ArrayRows):
+    """In-memory ``X``, ``Y`` cut into blocks of ``block_rows`` (tests, benchmarks)."""
+
+    def __init__(self, X, Y, block_rows: int = 65536, structure_id=None, atom_index=None,
+                 stratum=None, groups: dict[str, np.ndarray] | None = None):
+        self.X, self.Y = np.asarray(X), np.asarray(Y)
+        if self.X.shape[0] != self.Y.shape[0]:
+            raise ValueError("X and Y must have the same number of rows")
+        super().__init__(len(self.X), block_rows, structure_id, atom_index, stratum, groups)
+
     def read(self, i: int, offset: int) -> Block:
         s = self._slice(i)
         return Block(X=self.X[s], Y=self.Y[s], row=offset + np.arange(s.stop - s.start),
-                     ids=self.ids(i), groups={k: np.asarray(v)[s] for k, v in self.groups.items()})
+                     ids=self.ids(i), groups=self._groups(s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,14 +363,14 @@ class _Statistics:
                            dx=parts[0].dx)
 
 
-def _finite_rows(block: Block, rows: slice, where: str) -> np.ndarray:
-    """``[X | Y]`` of some rows of a block in float64; NaN or inf is refused, naming the row."""
-    A = np.concatenate([np.asarray(block.X[rows], dtype=np.float64),
-                        np.asarray(block.Y[rows], dtype=np.float64)], axis=1)
+def _finite_rows(parts: Sequence[np.ndarray], row: np.ndarray, where: str) -> np.ndarray:
+    """The matrices ``parts`` (the same rows) side by side in float64; NaN or inf is refused,
+    naming the first such row by its number in ``row``."""
+    A = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts], axis=1)
     bad = ~np.all(np.isfinite(A), axis=1)
     if bad.any():
         raise ValueError(f"{where}: rows with NaN or infinite values (first: row "
-                         f"{int(block.row[rows][bad][0])})")
+                         f"{int(row[bad][0])})")
     return A
 
 
@@ -375,7 +384,8 @@ def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
     tests = []
     for start in range(0, max(len(labels), 1), step):
         rows = slice(start, start + step)
-        A, lab = _finite_rows(block, rows, f"block {i}"), labels[rows]
+        A = _finite_rows([block.X[rows], block.Y[rows]], block.row[rows], f"block {i}")
+        lab = labels[rows]
         for fold, parts in states.items():
             if np.any(lab == fold):
                 parts.append(CentredQR.of(A[lab == fold]))
@@ -688,7 +698,7 @@ class SidesSource(Protocol):
     def read(self, i: int, offset: int) -> SidesBlock: ...
 
 
-class ArraySides:
+class ArraySides(_ArrayRows):
     """In-memory sides for tests and benchmarks: ``Xs`` (each ``(n, w_m)``) and ``present``
     (``(n, M)``, default all), cut into blocks of ``block_rows``."""
 
@@ -699,29 +709,16 @@ class ArraySides:
         self.present = (np.ones((n, len(self.Xs)), bool) if present is None
                         else np.asarray(present, bool))
         self.widths = [X.shape[1] for X in self.Xs]
-        self.block_rows = int(block_rows)
-        self.n_blocks = max(1, -(-n // self.block_rows))
-        self.structure_id = (np.arange(n).astype(str) if structure_id is None
-                             else np.asarray(structure_id))
-        self.atom_index = np.zeros(n, np.int64) if atom_index is None else np.asarray(atom_index)
-        self.stratum = None if stratum is None else np.asarray(stratum)
-        self.groups = groups or {}
-
-    def _slice(self, i: int) -> slice:
-        return slice(i * self.block_rows, min((i + 1) * self.block_rows, len(self.present)))
+        super().__init__(n, block_rows, structure_id, atom_index, stratum, groups)
 
     def ids(self, i: int) -> dict[str, np.ndarray]:
-        s = self._slice(i)
-        return {"structure_id": self.structure_id[s],
-                "atom_index": self.atom_index[s],
-                "stratum": None if self.stratum is None else self.stratum[s],
-                "present": self.present[s]}
+        return {**super().ids(i), "present": self.present[self._slice(i)]}
 
     def read(self, i: int, offset: int) -> SidesBlock:
         s = self._slice(i)
         return SidesBlock(X=[X[s] for X in self.Xs], present=self.present[s],
                           row=offset + np.arange(s.stop - s.start), ids=self.ids(i),
-                          groups={k: np.asarray(v)[s] for k, v in self.groups.items()})
+                          groups=self._groups(s))
 
     def pair(self, a: int, b: int, block_rows: int | None = None) -> ArraySource:
         """The rows sides ``a`` and ``b`` share, as the one-pair source (for comparisons)."""
@@ -823,12 +820,7 @@ def _block_joint_statistics(source, i: int, offset: int, split: "HashSplit",
         parts = []
         for start in range(0, len(rows), step):
             r = rows[start: start + step]
-            A = np.concatenate([np.asarray(block.X[m][r], dtype=np.float64) for m in sides],
-                               axis=1)
-            bad = ~np.all(np.isfinite(A), axis=1)
-            if bad.any():
-                raise ValueError(f"block {i}: rows with NaN or infinite values (first: row "
-                                 f"{int(block.row[r][bad][0])})")
+            A = _finite_rows([block.X[m][r] for m in sides], block.row[r], f"block {i}")
             c, f = cand[start: start + step], fold[start: start + step]
             for label, states_f in states.items():
                 take = ~c & (f == label)
