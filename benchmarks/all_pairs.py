@@ -44,11 +44,13 @@ import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
 from machine_info import describe, peak_rss_gb  # noqa: E402  (benchmarks/machine_info.py)
+from reconstruction import (  # noqa: E402  (its sibling benchmark: the same layout)
+    ATOMS, DATASET, _reset_peak, disk_gb, fmt_n, write_structures)
 
-WIDTH, ATOMS, SHARD_ROWS = 128, 20, 200_000
+WIDTH, SHARD_ROWS = 128, 200_000
 N_TEST, SEED, LATENT, OWN = 1000, 0, 16, 8
 METRICS = ("gfre", "gfrd", "lfre", "cka")
-DATASET, LAYER = "bench", "bb"
+LAYER = "bb"
 GENERATOR = 1  # bump when the data recipe changes: cached data is then rewritten
 
 
@@ -64,8 +66,6 @@ def model_block(m: int, shard: int, G: np.ndarray) -> np.ndarray:
 
 def ensure_data(root: str, n: int, n_models: int) -> str:
     """Write the Parquet data of one size once (shard by shard); reuse it when already there."""
-    import pyarrow as pa
-
     from latentray.store import Store, latent_table
 
     directory = os.path.join(root, f"n{n}")
@@ -79,14 +79,7 @@ def ensure_data(root: str, n: int, n_models: int) -> str:
     t, first = time.perf_counter(), 0
     for shard, start in enumerate(range(0, n, SHARD_ROWS)):
         rows = min(SHARD_ROWS, n - start)
-        index = first + np.arange(rows // ATOMS, dtype=np.int64)
-        ids = np.array([f"bench-{i:09d}" for i in index])
-        n_atoms = np.full(len(index), ATOMS, dtype=np.int64)
-        numbers = 1 + (start + np.arange(rows)) % 94
-        store.write_table(store.structures_path(DATASET, shard), pa.table({
-            "structure_id": pa.array(ids, pa.string()), "structure_index": index,
-            "n_atoms": n_atoms, "subset": pa.array(np.where(index % 3, "bulk", "surface"),
-                                                   pa.string())}))
+        ids, index, n_atoms, numbers = write_structures(store, shard, first, rows)
         G = np.random.default_rng([SEED, shard]).standard_normal((rows, LATENT))
         for m in range(n_models):
             store.write_table(posixpath.join(store.latents_dir(DATASET, f"m{m}", LAYER),
@@ -98,11 +91,6 @@ def ensure_data(root: str, n: int, n_models: int) -> str:
     print(f"  wrote {directory} ({disk_gb(directory):.2f} GB) in {time.perf_counter() - t:.0f} s",
           file=sys.stderr, flush=True)
     return directory
-
-
-def disk_gb(directory: str) -> float:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory)
-               for f in files) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,15 +123,6 @@ def _count_bytes_read() -> dict:
 
     pq.read_table = read_table
     return counter
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def measure(method: str, n: int, n_models: int, directory: str) -> dict:
@@ -204,11 +183,6 @@ def run_child(method: str, n: int, n_models: int, directory: str) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # the table
-
-
-def fmt_n(n: int) -> str:
-    e = int(round(np.log10(n)))
-    return f"1e{e}" if 10**e == n else f"{n:,}"
 
 
 def max_rel_diff(a: dict, b: dict) -> float:

@@ -98,10 +98,25 @@ def data_dir(root: str, n: int, dx: int, dy: int) -> str:
     return os.path.join(root, f"n{n}-{dx}x{dy}")
 
 
-def ensure_data(root: str, n: int, dx: int, dy: int) -> str:
-    """Write the Parquet data of one case once (shard by shard); reuse it when already there."""
+def write_structures(store, shard: int, first: int, rows: int):
+    """The structures file of one shard: ``rows // ATOMS`` structures of ``ATOMS`` atoms from
+    structure_index ``first``, every third a "surface", the rest "bulk"; returns their ids,
+    indices, atom counts and the atoms' element numbers."""
     import pyarrow as pa
 
+    index = first + np.arange(rows // ATOMS, dtype=np.int64)
+    ids = np.array([f"bench-{i:09d}" for i in index])
+    n_atoms = np.full(len(index), ATOMS, dtype=np.int64)
+    numbers = 1 + (first * ATOMS + np.arange(rows)) % 94
+    store.write_table(store.structures_path(DATASET, shard), pa.table({
+        "structure_id": pa.array(ids, pa.string()), "structure_index": index,
+        "n_atoms": n_atoms, "subset": pa.array(np.where(index % 3, "bulk", "surface"),
+                                               pa.string())}))
+    return ids, index, n_atoms, numbers
+
+
+def ensure_data(root: str, n: int, dx: int, dy: int) -> str:
+    """Write the Parquet data of one case once (shard by shard); reuse it when already there."""
     from latentray.store import Store, latent_table
 
     directory = data_dir(root, n, dx, dy)
@@ -115,14 +130,7 @@ def ensure_data(root: str, n: int, dx: int, dy: int) -> str:
     first = 0  # structure_index of the shard's first structure
     for shard, rows in enumerate(shard_rows(n)):
         X, Y = synthetic_block(shard, rows, dx, dy)
-        index = first + np.arange(rows // ATOMS, dtype=np.int64)
-        ids = np.array([f"bench-{i:09d}" for i in index])
-        n_atoms = np.full(len(index), ATOMS, dtype=np.int64)
-        numbers = 1 + (first * ATOMS + np.arange(rows)) % 94
-        store.write_table(store.structures_path(DATASET, shard), pa.table({
-            "structure_id": pa.array(ids, pa.string()), "structure_index": index,
-            "n_atoms": n_atoms, "subset": pa.array(np.where(index % 3, "bulk", "surface"),
-                                                   pa.string())}))
+        ids, index, n_atoms, numbers = write_structures(store, shard, first, rows)
         for (model, layer), features in ((SOURCE, X), (TARGET, Y)):
             store.write_table(posixpath.join(store.latents_dir(DATASET, model, layer),
                                             store.part(shard)),
