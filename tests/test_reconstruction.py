@@ -106,6 +106,27 @@ def test_global_error_and_distortion_match_skmatter(case, mode):
     )
 
 
+@pytest.mark.parametrize("kind", ["latent", "rank_deficient", "x_is_y_twice"])
+def test_global_error_on_folds_of_thousands_of_rows_matches_skmatter(kind):
+    """Folds of ~5,000 rows go through the blocked QR (RunningQR, ?tpqrt); the same numbers as
+    skmatter's SVDs of the folds (real-shaped latents: dead and duplicated columns)."""
+    rng = np.random.default_rng(5)
+    n = 10_500
+    base = rng.standard_normal((n, 6))
+    A, B = _latent(rng, base, 40), _latent(rng, base, 24)
+    B = B + 0.05 * rng.standard_normal(B.shape) * B.std(axis=0)
+    X, Y = {"latent": (A, B), "rank_deficient": (np.hstack([B, B[:, :5] * 2]), A),
+            "x_is_y_twice": (np.hstack([B, B]), B)}[kind]
+    perm = rng.permutation(n)
+    kw = dict(train_idx=perm[:-400], test_idx=perm[-400:])
+    np.testing.assert_allclose(lr.pointwise_global_reconstruction_error(X, Y, **kw),
+                               skm.pointwise_global_reconstruction_error(X, Y, **kw), **TOL)
+    np.testing.assert_allclose(lr.pointwise_global_reconstruction_distortion(X, Y, **kw),
+                               skm.pointwise_global_reconstruction_distortion(
+                                   X, _pad_columns(Y, max(X.shape[1], Y.shape[1])), **kw),
+                               **TOL)
+
+
 @pytest.mark.parametrize("mode", ["explicit", "none", "test_only"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_local_error_matches_skmatter(case, mode):
@@ -419,3 +440,35 @@ def test_merged_r_factors_keep_the_gram_matrix_and_singular_values():
     np.testing.assert_allclose(
         np.linalg.svd(R, compute_uv=False), np.linalg.svd(A, compute_uv=False), rtol=1e-12
     )
+
+
+@pytest.mark.parametrize("chunks", [[6000], [40, 30, 3000, 1, 2000, 2500], [10, 20]])
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_running_qr_is_the_r_factor_of_every_row_added(chunks, rank_deficient):
+    """RunningQR (LAPACK's ?tpqrt, block by block, from the chunks as they come) against
+    LAPACK's one Householder QR of all rows: R^T R = A^T A, A's singular values (six decades),
+    the same R up to its rows' signs; a dead and a duplicated column; fewer than 2 p rows are
+    kept as they are."""
+    rng = np.random.default_rng(3)
+    p = 40
+    Q, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    A = rng.standard_normal((sum(chunks), p)) @ ((10.0 ** -np.linspace(0, 6, p))[:, None] * Q) + 5
+    if rank_deficient:
+        A[:, 7], A[:, 9] = 0.0, A[:, 3]
+    running = lr.RunningQR(p)
+    for part in np.split(A, np.cumsum(chunks)[:-1]):
+        running.add(part)
+    R = running.r()
+    assert running.n == len(A)
+    if len(A) < 2 * p:
+        np.testing.assert_array_equal(R, A)
+        return
+    assert R.shape == (p, p)
+    np.testing.assert_array_equal(np.tril(R, -1), 0)
+    gram = A.T @ A
+    np.testing.assert_allclose(R.T @ R, gram, rtol=1e-12, atol=1e-12 * np.abs(gram).max())
+    s, s0 = (np.linalg.svd(M, compute_uv=False) for M in (R, A))
+    np.testing.assert_allclose(s, s0, rtol=1e-9, atol=1e-13 * s0[0])
+    if not rank_deficient:  # R is unique up to the signs of its rows
+        R0 = np.linalg.qr(A, mode="r")
+        np.testing.assert_allclose(np.abs(R), np.abs(R0), rtol=1e-9, atol=1e-13 * s0[0])

@@ -27,8 +27,9 @@ Default recipe (what skmatter does when ``scaler`` and ``estimator`` are ``None`
   with ``s > a * s_max`` (skmatter's final fit has no ``eps`` guard: ``len(s > rcond)``).
 
 How it is computed here: each fold is reduced to the R factor of the augmented matrix
-``[X_f | Y_f] = Q [R_x | R_y]`` (a Householder QR, in row chunks: a tall-skinny QR whose partial
-factors merge by stacking and re-factorising). Everything the fit needs follows from the R
+``[X_f | Y_f] = Q [R_x | R_y]`` (a Householder QR, block by block: each block of rows folded
+into the running R by LAPACK's triangular-pentagonal QR; partial factors merge by stacking and
+re-factorising). Everything the fit needs follows from the R
 factors: ``X_f = (Q U) S V^T`` with ``R_x = U S V^T``; ``U_X^T Y_f = U^T R_y``; and the residual
 of a weight ``W`` on fold ``g`` has column norms ``||R_y,g - R_x,g W||``. So the whole alpha grid
 costs one small SVD per fold, the two folds' R factors merge into the factor of all train rows,
@@ -67,6 +68,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+from scipy.linalg import get_lapack_funcs
 from sklearn.model_selection import KFold, train_test_split
 
 __all__ = [
@@ -92,6 +94,9 @@ DEFAULT_RANDOM_STATE = 0x5F3759DF
 _ZERO_VARIANCE_ATOL = 1e-12
 #: Rows per block of the tall-skinny QR (bounds the working memory of the default fit).
 _QR_BLOCK_ROWS = 16384
+#: Rows per update block, and LAPACK's block size, of :class:`RunningQR` (fastest of
+#: 512-8192 rows and 8-128 here, at 321 columns).
+_TPQRT_ROWS, _TPQRT_NB = 2048, 32
 #: Bound on the number of float64 elements in one block of a batched or chunked computation.
 _BLOCK_ELEMENTS = 1 << 23
 
@@ -185,11 +190,62 @@ def _r_factor(a: np.ndarray) -> np.ndarray:
     """A factor ``R`` with ``a = Q R``, ``Q`` with orthonormal columns, at most ``p`` rows.
 
     ``(..., rows, p)`` -> ``(..., min(rows, p), p)``: the R of a Householder QR when ``a`` is
-    taller than wide, else ``a`` itself (``Q = I``; nothing to compress).
+    taller than wide, else ``a`` itself (``Q = I``; nothing to compress). A single matrix much
+    taller than wide goes through :func:`_tall_r_factor`.
     """
     if a.shape[-2] <= a.shape[-1]:
         return a
+    if a.ndim == 2 and a.shape[0] >= 2 * max(a.shape[1], _TPQRT_ROWS):
+        return _tall_r_factor(a)
     return np.linalg.qr(a, mode="r")
+
+
+def _tall_r_factor(a: np.ndarray) -> np.ndarray:
+    """R factor of a tall matrix, block by block (:class:`RunningQR`)."""
+    running = RunningQR(a.shape[1])
+    running.add(a)
+    return running.r()
+
+
+class RunningQR:
+    """R factor of a matrix whose rows come in chunks (:meth:`add`), in bounded memory.
+
+    The rows are kept as they are while there are fewer than ``2 p``; then they and every later
+    row go into a running ``R`` (``p x p``, from zero), a block ``B`` of ``_TPQRT_ROWS`` rows at
+    a time: ``[R; B] = Q' R'`` by LAPACK's triangular-pentagonal QR (``?tpqrt``, which works on
+    ``R``'s triangle only: ``2 b p^2`` flops per block of ``b`` rows). The result is the R of a
+    Householder QR of all rows up to the signs of its rows and rounding (~1e-15 relative), and
+    ~2.7x faster here than one LAPACK QR of the whole at ``p = 321``: that one streams the tall
+    panel through memory for every block of Householder vectors; here a block stays in cache.
+    """
+
+    def __init__(self, p: int):
+        self.p, self.n = p, 0
+        self._rows: list[np.ndarray] = []
+        self._R: np.ndarray | None = None
+
+    def add(self, a: np.ndarray) -> None:
+        self.n += len(a)
+        if self._R is None:
+            if self.n < 2 * self.p:
+                self._rows.append(np.array(a, copy=True))  # (a copy: fewer than 2 p rows)
+                return
+            a, self._rows = np.concatenate(self._rows + [a]), []
+            self._R = np.zeros((self.p, self.p), dtype=np.result_type(a, np.float32), order="F")
+            self._tpqrt, = get_lapack_funcs(("tpqrt",), (self._R,))
+        nb = min(_TPQRT_NB, self.p)
+        for start in range(0, len(a), _TPQRT_ROWS):  # (a copy: ?tpqrt overwrites it)
+            block = np.array(a[start: start + _TPQRT_ROWS], dtype=self._R.dtype, order="F")
+            self._R, _, _, info = self._tpqrt(0, nb, self._R, block, overwrite_a=1,
+                                              overwrite_b=1)
+            if info:
+                raise np.linalg.LinAlgError(f"?tpqrt failed (info={info})")
+
+    def r(self) -> np.ndarray:
+        """``R`` (at most ``p`` rows) with ``R^T R`` the Gram matrix of every row added."""
+        if self._R is not None:
+            return np.triu(self._R)
+        return _r_factor(np.concatenate(self._rows)) if self._rows else np.zeros((0, self.p))
 
 
 def merge_r_factors(factors: Iterable[np.ndarray]) -> np.ndarray:

@@ -52,6 +52,7 @@ from .reconstruction import (
     _BLOCK_ELEMENTS,
     _EPS,
     _ZERO_VARIANCE_ATOL,
+    RunningQR,
     _cutoff_cv_from_r,
     _local_errors_default,
     _padded_procrustes,
@@ -296,9 +297,9 @@ class CentredQR:
     @classmethod
     def of(cls, A: np.ndarray) -> "CentredQR":
         A = np.asarray(A, dtype=np.float64)
-        shift = A.mean(axis=0) if len(A) else np.zeros(A.shape[1])
-        return cls(R=_r_factor(np.concatenate([np.ones((len(A), 1)), A - shift], axis=1)),
-                   shift=shift, n=len(A))
+        rows = _CentredRows(A.shape[1])
+        rows.add(A)
+        return rows.state()
 
     def shifted(self, shift: np.ndarray) -> np.ndarray:
         """R factor of ``[1 | A - shift]`` (the same ``Q``): exact, no re-factorisation."""
@@ -331,6 +332,32 @@ class CentredQR:
     def centred(self, mean: np.ndarray) -> np.ndarray:
         """R factor (at most ``p x p``) of ``A - mean``."""
         return _r_factor(self.shifted(mean)[:, 1:])
+
+
+class _CentredRows:
+    """The :class:`CentredQR` of rows that come in chunks (:meth:`add`), ``shift`` the mean of
+    the first chunk: one running R factor (:class:`RunningQR`), not one per chunk merged."""
+
+    def __init__(self, p: int):
+        self.shift = np.zeros(p)
+        self._running = RunningQR(p + 1)
+
+    def add(self, A: np.ndarray) -> None:
+        if not len(A):
+            return
+        if not self._running.n:
+            self.shift = A.mean(axis=0)
+        augmented = np.empty((len(A), len(self.shift) + 1))
+        augmented[:, 0] = 1.0
+        np.subtract(A, self.shift, out=augmented[:, 1:])
+        self._running.add(augmented)
+
+    @property
+    def n(self) -> int:
+        return self._running.n
+
+    def state(self) -> CentredQR:
+        return CentredQR(R=self._running.r(), shift=self.shift, n=self._running.n)
 
 
 @dataclass
@@ -380,19 +407,18 @@ def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
     labels = split.labels(block)
     dx, p = block.X.shape[1], block.X.shape[1] + block.Y.shape[1]
     step = max(1, _BLOCK_ELEMENTS // (p + 1))
-    states: dict[int, list[CentredQR]] = {FOLD1: [], FOLD2: []}
+    states = {FOLD1: _CentredRows(p), FOLD2: _CentredRows(p)}
     tests = []
     for start in range(0, max(len(labels), 1), step):
         rows = slice(start, start + step)
         A = _finite_rows([block.X[rows], block.Y[rows]], block.row[rows], f"block {i}")
         lab = labels[rows]
-        for fold, parts in states.items():
-            if np.any(lab == fold):
-                parts.append(CentredQR.of(A[lab == fold]))
+        for fold, state in states.items():
+            state.add(A[lab == fold])
         test = lab == TEST
         tests.append(_TestRows(A=A[test], row=block.row[rows][test],
                                groups={g: v[rows][test] for g, v in block.groups.items()}))
-    folds = [CentredQR.merge(*states[f]) if states[f] else None for f in (FOLD1, FOLD2)]
+    folds = [states[f].state() if states[f].n else None for f in (FOLD1, FOLD2)]
     return _Statistics(folds=folds, test=_TestRows.concat(tests), dx=dx)
 
 
@@ -816,20 +842,18 @@ def _block_joint_statistics(source, i: int, offset: int, split: "HashSplit",
         fold = np.where(keys[rows] & np.uint64(1), FOLD2, FOLD1)
         width = sum(block.X[m].shape[1] for m in sides)
         step = max(1, _BLOCK_ELEMENTS // (width + 1))
-        states: dict[int, list[CentredQR]] = {FOLD1: [], FOLD2: []}
+        states = {FOLD1: _CentredRows(width), FOLD2: _CentredRows(width)}
         parts = []
         for start in range(0, len(rows), step):
             r = rows[start: start + step]
             A = _finite_rows([block.X[m][r] for m in sides], block.row[r], f"block {i}")
             c, f = cand[start: start + step], fold[start: start + step]
-            for label, states_f in states.items():
-                take = ~c & (f == label)
-                if take.any():
-                    states_f.append(CentredQR.of(A[take]))
+            for label, state in states.items():
+                state.add(A[~c & (f == label)])
             parts.append(_Candidates(A=A[c], key=keys[r][c], stratum=strata[r][c],
                                      row=block.row[r][c],
                                      groups={g: v[r][c] for g, v in block.groups.items()}))
-        folds[p] = [CentredQR.merge(*states[f]) if states[f] else None for f in (FOLD1, FOLD2)]
+        folds[p] = [states[f].state() if states[f].n else None for f in (FOLD1, FOLD2)]
         candidates[p] = _Candidates.concat(parts)
     return _JointStatistics(folds=folds, candidates=candidates)
 
