@@ -23,6 +23,23 @@ from ..method.streaming import Block, SidesBlock
 _ID_COLUMNS = ["structure_id", "structure_index", "atom_index"]
 
 
+def _row_codes(table: pa.Table, keys: list[str]) -> np.ndarray:
+    """(structure_index, atom_index) of each row as one sortable integer."""
+    code = table["structure_index"].to_numpy().astype(np.int64) << 32
+    if len(keys) > 1:
+        code |= table["atom_index"].to_numpy().astype(np.int64)
+    return code
+
+
+def _in_order(table: pa.Table, keys: list[str]) -> pa.Table:
+    """``table`` sorted by ``keys`` (structure_index, then atom_index); as it is when it is
+    already in that order (as written: no copy of its features)."""
+    code = _row_codes(table, keys)
+    if np.all(code[1:] >= code[:-1]):
+        return table
+    return table.sort_by([(k, "ascending") for k in keys])
+
+
 @dataclass
 class PairSource:
     """Source ``(model, layer)`` -> target ``(model, layer)`` rows of ``dataset``, by shard.
@@ -70,12 +87,11 @@ class PairSource:
         """Both sides' tables restricted to the structures both processed, in dataset order."""
         (a, path_a), (b, path_b) = (self._read(k, i, self._columns(features)) for k in (0, 1))
         keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
-        common = np.intersect1d(a["structure_index"].to_numpy(), b["structure_index"].to_numpy())
-        out = []
-        for t in (a, b):
-            t = t.filter(np.isin(t["structure_index"].to_numpy(), common))
-            out.append(t.sort_by([(k, "ascending") for k in keys]))
-        a, b = out
+        index_a, index_b = a["structure_index"].to_numpy(), b["structure_index"].to_numpy()
+        if not np.array_equal(index_a, index_b):  # (as written, both sides' rows are the same)
+            common = np.intersect1d(index_a, index_b)
+            a, b = (t.filter(np.isin(t["structure_index"].to_numpy(), common)) for t in (a, b))
+        a, b = (_in_order(t, keys) for t in (a, b))
         for k in keys + (["Z"] if self.kind == "latents" else ["n_atoms"]):
             if not np.array_equal(a[k].to_numpy(), b[k].to_numpy()):
                 raise RuntimeError(f"{path_a} and {path_b}: rows of the common structures do "
@@ -152,10 +168,8 @@ class ModelSides:
         with, per side, where its rows lie in the union."""
         tables = [reader._read(0, i, reader._columns(features)) for reader in self._readers]
         keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
-        tables = [(t.sort_by([(k, "ascending") for k in keys]), path) for t, path in tables]
-        codes = [t["structure_index"].to_numpy().astype(np.int64) << 32
-                 | (t["atom_index"].to_numpy().astype(np.int64) if len(keys) > 1 else 0)
-                 for t, _ in tables]  # (structure, atom) as one sortable integer
+        tables = [(_in_order(t, keys), path) for t, path in tables]
+        codes = [_row_codes(t, keys) for t, _ in tables]
         union, first = np.unique(np.concatenate(codes), return_index=True)
         where = [np.searchsorted(union, c) for c in codes]
         check = "Z" if self.kind == "latents" else "n_atoms"
