@@ -7,12 +7,15 @@ For every size n and width pair (dx, dy) in (128, 128), (256, 64), on the same s
 
 * ``skmatter.metrics.global_reconstruction_error`` (in memory);
 * ``latentray.method.reconstruction.global_reconstruction_error`` (in memory, same signature);
-* ``latentray.method.streaming.reconstruction_at_scale`` over a ``latentray.blocks.PairSource`` (Parquet,
-  one shard at a time, serial executor), with ``IndexSplit`` (the split of the two above, so the
-  value must equal skmatter's to ~1e-8; n <= 1e6) and with ``HashSplit(1000)`` (the split at
-  scale: another test set, so a slightly different value);
+* ``latentray.method.streaming.reconstruction_at_scale`` over a
+  ``latentray.analysis.blocks.PairSource`` (Parquet, one shard at a time, serial executor), with
+  ``IndexSplit`` (the split of the two above, so the value must equal skmatter's to ~1e-8;
+  n <= 1e6) and with ``HashSplit(1000)`` (the split at scale: another test set, so a slightly
+  different value);
 
-and the streamed fit alone at ``--big`` rows (dx=256 -> dy=64, HashSplit).
+and the streamed fit alone at ``--big`` rows (dx=256 -> dy=64, HashSplit), in one process and
+as Ray tasks on every core (``RayExecutor`` on a local Ray instance, as the analysis stage runs
+it; its memory: the proportional set size of this process and every Ray process it started).
 The in-memory split is ``latentray.method.splits.paper_split(n, 1000, seed=0)``.
 
 Data: X = G M + mu (G standard normal, M a fixed mixing with singular values over 3 decades),
@@ -61,6 +64,7 @@ METHODS = {
     "latentray": "latentray (in memory)",
     "stream-index": "latentray streaming, IndexSplit",
     "stream-hash": "latentray streaming, HashSplit",
+    "stream-ray": "latentray streaming, HashSplit, Ray tasks on every core",
 }
 
 
@@ -212,16 +216,25 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
         split = (IndexSplit(n, train_idx, test_idx) if method == "stream-index"
                  else HashSplit(N_TEST, seed=SEED, stratified=False))
         out["data_gb_on_disk"] = disk_gb(directory)
+        executor = SerialExecutor()
+        if method == "stream-ray":  # as the analysis stage runs it: a task per shard
+            import ray
+
+            from latentray.analysis.executors import RayExecutor
+
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False)
+            executor = RayExecutor()
 
         def call():
-            r = reconstruction_at_scale(source, split, metrics=("gfre",),
-                                        executor=SerialExecutor())
+            r = reconstruction_at_scale(source, split, metrics=("gfre",), executor=executor)
             return {"gfre": r.values["gfre"], "alpha": r.alpha, "n_train": r.n_train,
                     "n_test": r.n_test}
     gc.collect()
     out["peak_incl_loading_gb"] = peak_rss_gb()
     out["rss_before_gb"] = _rss_gb()
     out["peak_reset"] = _reset_peak()
+    tree = _TreeMemory() if method == "stream-ray" else None
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
     out.update(call())
@@ -231,7 +244,48 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
     out["cpu_sys_s"] = cpu_after.ru_stime - cpu.ru_stime
     out["peak_rss_gb"] = peak_rss_gb()
     out["peak_incl_loading_gb"] = max(out["peak_incl_loading_gb"], out["peak_rss_gb"])
+    if tree is not None:  # the memory of every process of the run, not the driver's alone
+        out["driver_peak_rss_gb"] = out["peak_rss_gb"]
+        out["pss_before_gb"], out["peak_rss_gb"] = tree.stop()
     return out
+
+
+def _tree_pss_gb() -> float:
+    """Proportional set size (shared pages split between the processes that map them, so
+    that nothing counts twice) of this process and all its descendants (Ray's GCS, raylet,
+    workers), GB."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for proc in [me] + me.children(recursive=True):
+        try:
+            with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass  # gone meanwhile
+    return total * 1024 / 1e9
+
+
+class _TreeMemory:
+    """Samples :func:`_tree_pss_gb` every 0.2 s in a thread; ``stop()``: (first, peak)."""
+
+    def __init__(self):
+        import threading
+
+        self.first = self.peak = _tree_pss_gb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, _tree_pss_gb())
+
+    def stop(self) -> tuple[float, float]:
+        self._done.set()
+        self._thread.join()
+        return self.first, max(self.peak, _tree_pss_gb())
 
 
 def child_main(spec: str) -> None:
@@ -286,7 +340,8 @@ def rel_diff(r: dict, sk: dict | None) -> str:
     if r["method"] == "skmatter" or not sk or "gfre" not in sk or "gfre" not in r:
         return ""
     d = abs(r["gfre"] - sk["gfre"]) / abs(sk["gfre"])
-    return f"({d:.1e}, other split)" if r["method"] == "stream-hash" else f"{d:.1e}"
+    return (f"({d:.1e}, other split)" if r["method"] in ("stream-hash", "stream-ray")
+            else f"{d:.1e}")
 
 
 def table(results: list[dict]) -> str:
@@ -319,7 +374,8 @@ def checks(results: list[dict], parity: float = 1e-8, big_gb: float = 4.0) -> li
             d = abs(r["gfre"] - sk["gfre"]) / abs(sk["gfre"])
             out.append(f"{case} IndexSplit vs skmatter: {d:.1e} "
                        f"({'OK' if d <= parity else 'FAIL'}, limit {parity:.0e})")
-        if r["method"] == "stream-hash" and r["n"] > INDEX_SPLIT_MAX and "peak_rss_gb" in r:
+        if (r["method"] in ("stream-hash", "stream-ray") and r["n"] > INDEX_SPLIT_MAX
+                and "peak_rss_gb" in r):
             ok = r["peak_rss_gb"] < big_gb
             out.append(f"{case} streaming peak RSS {r['peak_rss_gb']:.2f} GB "
                        f"({'OK' if ok else 'FAIL'}, limit {big_gb:.0f} GB)")
@@ -359,7 +415,7 @@ def cases(sizes: list[int], big: int | None) -> list[tuple[int, int, int, list[s
             methods += ["stream-index"] if n <= INDEX_SPLIT_MAX else []
             out.append((n, dx, dy, methods + ["stream-hash"]))
     if big:
-        out.append((big, 256, 64, ["stream-hash"]))
+        out.append((big, 256, 64, ["stream-hash", "stream-ray"]))
     return out
 
 
