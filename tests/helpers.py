@@ -1,4 +1,5 @@
-"""Shared by the tests: a run's latents read back through the public reader."""
+"""Shared by the tests: a run's latents read back through the public reader, the GFRE of one
+pair against scikit-matter, and SevenNet's own ASE calculator with hooks on its layers."""
 
 from __future__ import annotations
 
@@ -66,3 +67,44 @@ def assert_one_gfre_equals_skmatter(output: Path, source: str, target: str) -> N
                                            b.X[rb].astype(np.float64),
                                            train_idx=train, test_idx=test)
     assert 0 < row.value == pytest.approx(expected, rel=1e-8)
+
+
+def sevennet_hooked_calculator(name: str, modal: str | None = None):
+    """sevenn's own ASE calculator on the unmodified model, with forward hooks recording
+    the 0e channels of every gate output and the output of reduce_input_to_hidden."""
+    import warnings
+
+    from e3nn.o3 import Irreps
+    from sevenn.calculator import SevenNetCalculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = SevenNetCalculator(name, device="cpu", modal=modal)
+    records: dict[str, list[np.ndarray]] = {}
+
+    def record(layer, columns):
+        def hook(module, args, output):
+            x = output["x"].detach()
+            records.setdefault(layer, []).append(x[:, columns].clone().numpy())
+        return hook
+
+    gates = sorted(k for k in calc.model._modules if k.endswith("_equivariant_gate"))
+    for key in gates:
+        k = int(key.split("_")[0]) + 1
+        irreps = Irreps(str(calc.model._modules[key].gate.irreps_out))
+        columns = np.concatenate([np.arange(s.start, s.stop)
+                                  for (mul, ir), s in zip(irreps, irreps.slices())
+                                  if (ir.l, ir.p) == (0, 1)])
+        calc.model._modules[key].register_forward_hook(record(f"bb{k}", columns))
+    calc.model._modules["reduce_input_to_hidden"].register_forward_hook(
+        record("ll", slice(None)))
+    return calc, records
+
+
+def run_calculator(calc, records, frames) -> dict[str, np.ndarray]:
+    records.clear()
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+    return {layer: np.concatenate(values) for layer, values in records.items()}

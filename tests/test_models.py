@@ -18,6 +18,7 @@ from ase.io import read
 
 pytest.importorskip("torch")
 
+from helpers import run_calculator, sevennet_hooked_calculator  # noqa: E402
 from latentray.models import StructureError, load_adapter  # noqa: E402
 from latentray.models.base import file_sha256  # noqa: E402
 
@@ -181,50 +182,9 @@ def test_chgnet_one_at_a_time_equals_batched(chgnet, structures):
 # -- SevenNet -------------------------------------------------------------------------
 
 
-def _hooked_calculator(name: str, modal: str | None = None):
-    """sevenn's own ASE calculator on the unmodified model, with forward hooks recording
-    the 0e channels of every gate output and the output of reduce_input_to_hidden."""
-    import warnings
-
-    from e3nn.o3 import Irreps
-    from sevenn.calculator import SevenNetCalculator
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        calc = SevenNetCalculator(name, device="cpu", modal=modal)
-    records: dict[str, list[np.ndarray]] = {}
-
-    def record(layer, columns):
-        def hook(module, args, output):
-            x = output["x"].detach()
-            records.setdefault(layer, []).append(x[:, columns].clone().numpy())
-        return hook
-
-    gates = sorted(k for k in calc.model._modules if k.endswith("_equivariant_gate"))
-    for key in gates:
-        k = int(key.split("_")[0]) + 1
-        irreps = Irreps(str(calc.model._modules[key].gate.irreps_out))
-        columns = np.concatenate([np.arange(s.start, s.stop)
-                                  for (mul, ir), s in zip(irreps, irreps.slices())
-                                  if (ir.l, ir.p) == (0, 1)])
-        calc.model._modules[key].register_forward_hook(record(f"bb{k}", columns))
-    calc.model._modules["reduce_input_to_hidden"].register_forward_hook(
-        record("ll", slice(None)))
-    return calc, records
-
-
-def _run_calculator(calc, records, frames) -> dict[str, np.ndarray]:
-    records.clear()
-    for atoms in frames:
-        atoms = atoms.copy()
-        atoms.calc = calc
-        atoms.get_potential_energy()
-    return {layer: np.concatenate(values) for layer, values in records.items()}
-
-
 def test_sevennet_equals_hooks_on_its_calculator(sevennet, structures):
-    calc, records = _hooked_calculator("7net-0")
-    expected = _run_calculator(calc, records, structures)
+    calc, records = sevennet_hooked_calculator("7net-0")
+    expected = run_calculator(calc, records, structures)
     ours = sevennet.forward([sevennet.prepare(a) for a in structures], ["all"])
     assert sorted(ours) == sorted(expected) == ["bb1", "bb2", "bb3", "bb4", "bb5", "ll"]
     for layer in ours:
@@ -241,7 +201,7 @@ def test_sevennet_equals_hooks_on_its_calculator(sevennet, structures):
 
 def test_sevennet_info_matches_its_arrays(sevennet, structures):
     info = sevennet.info
-    calc, _ = _hooked_calculator("7net-0")
+    calc, _ = sevennet_hooked_calculator("7net-0")
     assert info.family == "sevenn" and info.cutoff == calc.cutoff
     assert info.layer_widths == {"bb1": 128, "bb2": 128, "bb3": 128, "bb4": 128, "bb5": 128,
                                  "ll": 64}
@@ -291,8 +251,8 @@ def test_sevennet_mf_modalities(structures):
     assert np.abs(a["ll"] - b["ll"]).max() > 1e-3
     assert np.abs(a["bb1"] - b["bb1"]).max() > 1e-4  # the modality enters every block
     # and each equals sevenn's own calculator with that modality
-    calc, records = _hooked_calculator("7net-mf-0", modal="R2SCAN")
-    expected = _run_calculator(calc, records, frames)
+    calc, records = sevennet_hooked_calculator("7net-mf-0", modal="R2SCAN")
+    expected = run_calculator(calc, records, frames)
     np.testing.assert_allclose(b["ll"], expected["ll"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(b["bb1"], expected["bb1"], atol=1e-5, rtol=1e-5)
 
@@ -441,11 +401,11 @@ def test_every_packaged_checkpoint_equals_its_own_api(family, checkpoint, modali
         assert info.supported_numbers == frozenset(
             range(1, reference.atom_embedding.embedding.num_embeddings + 1))
     else:  # the calculator runs one structure at a time: so do we, for float32's sake
-        calc, records = _hooked_calculator(checkpoint, modal=modality)
+        calc, records = sevennet_hooked_calculator(checkpoint, modal=modality)
         # the cutoff and the elements, as the checkpoint's own calculator reads them
         assert info.cutoff == calc.cutoff
         assert info.supported_numbers == frozenset(calc.type_map)
-        expected = _run_calculator(calc, records, frames)
+        expected = run_calculator(calc, records, frames)
         assert list(out) == sorted(expected, key=lambda k: (k == "ll", k))
         single = [adapter.forward([adapter.prepare(a)], ["all"]) for a in frames]
         out = {layer: np.concatenate([o[layer] for o in single]) for layer in out}

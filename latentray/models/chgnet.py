@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..geometry import MIN_CELL_VOLUME, cell_for_open_axes
 from .base import ModelAdapter, StructureError, check_geometry
 
 PACKAGED = ("0.3.0", "0.2.0", "r2scan")
@@ -137,17 +138,11 @@ class CHGNetAdapter(ModelAdapter):
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell[:], dtype=float)
         positions = np.asarray(atoms.positions, dtype=float)
-        if not pbc.all():
-            if pbc.any():
-                raise StructureError(
-                    f"CHGNet needs a 3D-periodic cell or none at all; got pbc={pbc.tolist()}"
-                )
-            if abs(np.linalg.det(cell)) < 1e-6:
-                # A molecule without a cell: a box only to define fractional coordinates
-                # (pbc stays False, so no periodic image is ever a neighbour).
-                lo = positions.min(axis=0)
-                cell = np.diag(positions.max(axis=0) - lo + 2 * self._cutoff + 1.0)
-                positions = positions - lo + self._cutoff + 0.5
+        if not pbc.all() and abs(np.linalg.det(cell)) < MIN_CELL_VOLUME:
+            # A molecule, wire or slab without a cell vector along an open axis: a box only
+            # to define fractional coordinates. pymatgen's neighbour list (CHGNet's own)
+            # makes no image along an axis that is not periodic, whatever its cell vector.
+            cell, positions = cell_for_open_axes(cell, positions, pbc, self._cutoff)
         # A bare copy: no calculator results, magmoms or constraints travel along.
         bare = Atoms(numbers=atoms.numbers, positions=positions, cell=cell, pbc=pbc)
         structure = AseAtomsAdaptor.get_structure(bare)
