@@ -14,7 +14,7 @@ import pytest
 from ase.build import fcc111, molecule, nanotube
 from ase.neighborlist import neighbor_list
 
-from latentray.geometry import cell_for_open_axes
+from latentray.models.cells import cell_for_open_axes
 
 
 def _slab():

@@ -29,8 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..geometry import MIN_CELL_VOLUME, cell_for_open_axes
+from ..geometry import MIN_CELL_VOLUME
 from .base import ModelAdapter, StructureError, check_geometry
+from .cells import cell_for_open_axes
 
 PACKAGED = ("0.3.0", "0.2.0", "r2scan")
 
