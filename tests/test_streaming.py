@@ -7,6 +7,7 @@ import skmatter.metrics as skm
 from ase.io import read
 
 import latentray.method.reconstruction as lr
+import latentray.method.streaming as streaming
 from latentray.method.cumulants import cumulant_features
 from latentray.datasets import resolve_paths
 from latentray.method.splits import paper_split
@@ -19,6 +20,7 @@ from latentray.method.streaming import (
     CentredQR,
     HashSplit,
     IndexSplit,
+    SerialExecutor,
     all_pairs_at_scale,
     linear_cka,
     reconstruction_at_scale,
@@ -157,6 +159,43 @@ def test_all_pairs_in_one_pass_equal_each_pair_on_its_own(three_sides, block_row
                                        rtol=1e-8, atol=1e-12)
         for g in ("Z", "subset"):
             np.testing.assert_array_equal(one.groups[g], alone.groups[g])
+
+
+def test_all_pairs_gather_in_blocks_of_test_rows_changes_no_number(three_sides):
+    """LFRE's gather in blocks of at most ``gather_rows`` neighbour rows (here 60: many
+    blocks, a group's test rows split between them) gives every pair the same pointwise
+    errors as one gather of all rows, to the last digit, and every other value unchanged."""
+    sides = ArraySides(block_rows=97, **three_sides)
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    metrics = ("gfre", "lfre", "cka")
+    whole = all_pairs_at_scale(sides, pairs, n_test=200, seed=1, metrics=metrics)
+    blocks = list(streaming._gather_blocks(
+        [(None, np.arange(200 * 7).reshape(200, 7) % 500, 7)], 500, 60, piece=8))
+    assert len(blocks) > 10 and all(len(rows) <= 60 for _, rows in blocks)
+    assert [piece for block, _ in blocks for piece in block][:2] == [(0, 0, 8), (0, 8, 16)]
+    assert np.concatenate([np.arange(start, stop) for block, _ in blocks
+                           for _, start, stop in block]).tolist() == list(range(200))
+    blocked = all_pairs_at_scale(sides, pairs, n_test=200, seed=1, metrics=metrics,
+                                 gather_rows=60)
+    for pair in pairs:
+        np.testing.assert_array_equal(blocked[pair].pointwise["lfre"],
+                                      whole[pair].pointwise["lfre"])
+        assert blocked[pair].values == whole[pair].values
+
+
+def test_serial_executor_runs_each_task_once_when_fetched():
+    calls = []
+
+    def task(i):
+        calls.append(i)
+        return [i]
+
+    ex = SerialExecutor()
+    handles = ex.map(task, [(i,) for i in range(20)])
+    assert calls == []  # deferred until fetched
+    assert ex.reduce(lambda *parts: sum(parts, []), handles, fan_in=3) == list(range(20))
+    assert sorted(calls) == list(range(20))
+    assert ex.get(ex.map(task, [(5,), (6,)])) == [[5], [6]]
 
 
 def test_all_pairs_of_sides_without_common_rows_are_refused(three_sides):

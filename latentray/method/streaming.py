@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -433,25 +434,27 @@ def _block_ids(source, i: int, split) -> tuple[int, Any]:
 
 
 class SerialExecutor:
-    """Block tasks in this process, one after the other."""
+    """Block tasks in this process, one after the other, each run when its result is fetched
+    (``map`` returns deferred calls; fetch each handle once): a reduction holds ``fan_in``
+    results at a time, a caller that fetches results one by one holds one."""
 
     def put(self, obj):
         return obj
 
     def map(self, fn: Callable, arg_lists: Sequence[tuple]) -> list:
-        return [fn(*args) for args in arg_lists]
+        return [partial(fn, *args) for args in arg_lists]
 
     def get(self, handles: list) -> list:
-        return handles
+        return [handle() for handle in handles]
+
+    def _merge(self, fn: Callable, handles: list):
+        return fn(*self.get(handles))
 
     def reduce(self, fn: Callable, handles: list, fan_in: int = 8):
         while len(handles) > 1:
-            handles = [fn(*handles[i: i + fan_in]) for i in range(0, len(handles), fan_in)]
-        return handles[0]
-
-
-
-
+            handles = [partial(self._merge, fn, handles[i: i + fan_in])
+                       for i in range(0, len(handles), fan_in)]
+        return self.get(handles)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -902,9 +905,71 @@ def _pair_statistics(joint: _JointStatistics, widths: Sequence[int], a: int, b: 
                        test=_TestRows.concat(tests), dx=widths[a])
 
 
+GATHER_ROWS = 1 << 18  # rows of one LFRE gather block: 1 GiB of float32 at a total width of 1,024
+
+
+def _gather_blocks(found, n_rows: int, max_rows: int, piece: int = 256):
+    """The groups' test rows in consecutive pieces ``(group, start, stop)`` of at most
+    ``piece`` rows and ``max_rows`` neighbour slots, packed in order into blocks whose
+    neighbour rows number at most ``max_rows``; yields ``(pieces, the block's neighbour
+    rows, sorted)``."""
+    block, taken, count = [], np.zeros(n_rows, bool), 0
+    for g, (_, rows, _) in enumerate(found):
+        step = max(1, min(piece, max_rows // max(rows.shape[1], 1)))
+        for start in range(0, len(rows), step):
+            stop = min(start + step, len(rows))
+            new = np.unique(rows[start:stop])
+            new = new[~taken[new]]
+            if block and count + len(new) > max_rows:
+                yield block, np.flatnonzero(taken)
+                block, count = [], 0
+                taken[:] = False
+                new = np.unique(rows[start:stop])
+            taken[new] = True
+            count += len(new)
+            if block and block[-1][0] == g:
+                block[-1] = (g, block[-1][1], stop)
+            else:
+                block.append((g, start, stop))
+    if block:
+        yield block, np.flatnonzero(taken)
+
+
+def _gathered(executor, handles: list, wanted: np.ndarray) -> list[np.ndarray]:
+    """Every side's features at the ``wanted`` rows, from the gather tasks' results fetched
+    one at a time (each written in place, then dropped)."""
+    features = None
+    for handle in handles:
+        rows, parts = executor.get([handle])[0]
+        if features is None:
+            features = [np.empty((len(wanted), X.shape[1]), X.dtype) for X in parts]
+        at = np.searchsorted(wanted, rows)
+        for F, X in zip(features, parts):
+            F[at] = X
+    return features
+
+
+def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, tests: slice):
+    """LFRE pointwise errors of the test rows ``tests`` of one group of pairs (one source,
+    its targets ``members``), from the gathered features at the ``wanted`` rows."""
+    rows = np.unique(neighbour_rows)
+    at_rows = np.searchsorted(wanted, rows)
+    neighbours = np.searchsorted(rows, neighbour_rows)
+    first = fitted[members[0]]
+    a, dx = members[0][0], widths[members[0][0]]
+    Gx = (np.asarray(features[a][at_rows], dtype=np.float64) - first.mean[:dx]) / first.sx
+    targets = []
+    for pair in members:
+        f, dy = fitted[pair], widths[pair[1]]
+        Gy = (np.asarray(features[pair[1]][at_rows], dtype=np.float64) - f.mean[dx:]) / f.sy
+        targets.append((Gy, f.y_test[tests], min(dx, dy, neighbours.shape[1])))
+    return _local_errors_default(Gx, first.x_test[tests], targets, neighbours)
+
+
 def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_test: int,
                        seed: int = 0, stratified: bool = True, at_most_half: bool = False,
-                       metrics=("gfre",), executor=None) -> dict[tuple[int, int], ScaleResult]:
+                       metrics=("gfre",), executor=None, gather_rows: int = GATHER_ROWS,
+                       ) -> dict[tuple[int, int], ScaleResult]:
     """:func:`reconstruction_at_scale` with a :class:`HashSplit` for every ordered pair of
     sides in ``pairs`` (side indices), from one pass over the blocks per stage. ``metrics``:
     for every pair, or a dict pair -> its metrics.
@@ -923,13 +988,19 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
     3. and 4. **LFRE**: the pairs of one source and the same rows share their split, the
        source's scaling and test rows: one neighbour search for the largest ``k`` of the
        group, then the local fits with the source's factorizations shared
-       (:func:`_local_errors_default`); one gather serves all groups, each row once with every
-       side's columns as stored.
+       (:func:`_local_errors_default`). The gather serves all groups: their test rows in
+       order, in blocks whose neighbour rows number at most ``gather_rows``, one pass over
+       the blocks per block of test rows, each row once per block with every side's
+       columns as stored; then the block's local fits.
 
     Per-pair results equal :func:`reconstruction_at_scale`'s on the pair's rows to rounding
     (the states merge in another order). Memory per task: one block plus one joint state per
-    pattern and fold; the driver holds every pattern's states and candidates, and the
-    gathered rows: at most ``min(N, groups * n_test * k)`` rows of all ``P`` columns.
+    pattern and fold; the driver holds every pattern's states and candidates, and one
+    block's gathered rows: at most ``gather_rows`` rows of all ``P`` columns (float32 latents:
+    ``4 P gather_rows`` bytes, 1 GiB for ``P = 1024`` at the default), whatever ``N``. Of
+    all the groups' ``n_test * k`` neighbour slots, ``min(N, groups * n_test * k)`` rows at
+    most are distinct, so ``N <= gather_rows`` needs one gather pass and larger ``N`` up to
+    about ``groups * n_test * k / gather_rows`` of them.
     """
     executor = executor or SerialExecutor()
     pairs = [tuple(pair) for pair in pairs]
@@ -988,33 +1059,20 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
         found = executor.reduce(_merge_neighbour_lists, executor.map(
             _block_neighbours_joint, [(src, i, int(offsets[i]), template, q)
                                       for i in range(n)]))
-        # 4. one gather for all groups: each wanted row once, every side's columns as stored
-        # (float32 latents): at most min(N, sum over groups of n_test * k) rows
-        wanted = executor.put(np.unique(np.concatenate([rows.ravel() for _, rows, _ in found])))
-        gathered = executor.get(executor.map(
-            _block_gather_joint, [(src, i, int(offsets[i]), wanted) for i in range(n)]))
-        all_rows = np.concatenate([part[0] for part in gathered])
-        order = np.argsort(all_rows)
-        all_rows = all_rows[order]
-        features = [np.concatenate([part[1][m] for part in gathered])[order]
-                    for m in range(len(widths))]
-        for g, ((a, patterns), members) in enumerate(groups.items()):
-            rows = np.unique(found[g][1])
-            at_rows = np.searchsorted(all_rows, rows)
-            neighbours = np.searchsorted(rows, found[g][1])
-            G = np.concatenate([np.asarray(features[m][at_rows], dtype=np.float64)
-                                for m in (a, *[b for _, b in members])], axis=1)
-            first = fitted[members[0]]
-            dx = widths[a]
-            Gx = (G[:, :dx] - first.mean[:dx]) / first.sx
-            targets, at = [], dx
-            for pair in members:
-                f = fitted[pair]
-                dy = widths[pair[1]]
-                Gy = (G[:, at: at + dy] - f.mean[dx:]) / f.sy
-                targets.append((Gy, f.y_test, min(dx, dy, neighbours.shape[1])))
-                at += dy
-            errors = _local_errors_default(Gx, first.x_test, targets, neighbours)
-            for pair, e in zip(members, errors):
-                fitted[pair].add("lfre", e)
+        # 4. the gather, in blocks of test rows: a block's neighbour rows once, every side's
+        # columns as stored, at most `gather_rows` of them; then the local fits of its rows
+        members_of = list(groups.values())
+        errors = {pair: [] for group in members_of for pair in group}
+        for block, wanted in _gather_blocks(found, int(offsets[-1]), gather_rows):
+            wanted_ref = executor.put(wanted)
+            features = _gathered(executor, executor.map(_block_gather_joint, [
+                (src, i, int(offsets[i]), wanted_ref) for i in range(n)]), wanted)
+            for g, start, stop in block:
+                members = members_of[g]
+                for pair, e in zip(members, _local_errors_of(
+                        fitted, members, widths, features, wanted, found[g][1][start:stop],
+                        slice(start, stop))):
+                    errors[pair].append(e)
+        for pair, parts in errors.items():
+            fitted[pair].add("lfre", np.concatenate(parts))
     return {pair: f.result() for pair, f in fitted.items()}
