@@ -34,3 +34,33 @@ def cell_for_open_axes(cell: np.ndarray, positions: np.ndarray, pbc: np.ndarray,
     lo = along.min(axis=0)
     cell[~pbc] = basis * (along.max(axis=0) - lo + 2 * cutoff + 1.0)[:, None]
     return cell, positions + (cutoff + 0.5 - lo) @ basis
+
+
+def closed_open_axes(atoms, cutoff: float):
+    """``atoms`` as a structure periodic along all three axes with the same graph, for a
+    model that knows only "periodic along every axis" or "along none": where ``pbc`` is
+    partial, a copy with the cell of :func:`cell_for_open_axes` and ``pbc`` all true (no
+    image across an open axis is within ``cutoff`` of any atom); otherwise ``atoms``."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.all() or not pbc.any():
+        return atoms
+    from ase import Atoms
+
+    cell, positions = cell_for_open_axes(atoms.cell[:], atoms.positions, pbc, cutoff)
+    return Atoms(numbers=atoms.numbers, positions=positions, cell=cell, pbc=True)
+
+
+def with_open_axis_vectors(atoms, cutoff: float, min_volume: float):
+    """``atoms`` with full-rank cell vectors along its open axes, periodicity unchanged, for
+    a model whose own code takes partial periodicity but needs a cell of at least
+    ``min_volume`` A^3: where ``pbc`` is partial and the cell smaller (ASE builds slabs and
+    wires without cell vectors along their open axes), a copy with the cell of
+    :func:`cell_for_open_axes`; otherwise ``atoms``."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if pbc.all() or not pbc.any() or abs(np.linalg.det(atoms.cell[:])) >= min_volume:
+        return atoms
+    cell, positions = cell_for_open_axes(atoms.cell[:], atoms.positions, pbc, cutoff)
+    out = atoms.copy()
+    out.set_cell(cell, scale_atoms=False)
+    out.positions = positions
+    return out

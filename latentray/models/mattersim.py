@@ -13,8 +13,10 @@ state), read with ``torch.load(weights_only=True)``: tensors and plain container
 Its weights must cover the model: a missing parameter is an error (MatterSim's own loader
 would leave it random). Graphs are built by MatterSim's ``GraphConvertor`` and batched by its
 PyG loader's ``Batch`` and ``batch_to_dict``; only the energy path runs, in
-``torch.inference_mode`` (no forces, no stress). Partly periodic cells are refused: MatterSim
-treats any periodic cell as periodic along all three axes.
+``torch.inference_mode`` (no forces, no stress). MatterSim treats any periodic cell as
+periodic along all three axes: a slab or wire is given to it closed, with open-axis vectors
+long enough that no image across them is within the cutoff (:func:`.cells.closed_open_axes`),
+so that its graph is the partly periodic structure's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, StructureError, check_geometry
+from .base import ModelAdapter, check_geometry
+from .cells import closed_open_axes
 
 
 class MatterSimAdapter(ModelAdapter):
@@ -59,6 +62,7 @@ class MatterSimAdapter(ModelAdapter):
                                         float(args["threebody_cutoff"]))
         self._file = checkpoint
         self._cutoff = float(args["cutoff"])
+        self._threebody_cutoff = float(args["threebody_cutoff"])
         self._supported = frozenset(range(1, int(args["max_z"]) + 1))
         units = int(args["units"])
         self._widths = {f"bb{k + 1}": units for k in range(len(self.model.graph_conv))}
@@ -67,9 +71,10 @@ class MatterSimAdapter(ModelAdapter):
     def prepare(self, atoms: Any):
         check_geometry(atoms)
         self.check(atoms.numbers)
-        if atoms.pbc.any() and not atoms.pbc.all():
-            raise StructureError("MatterSim treats a periodic cell as periodic along all "
-                                 f"three axes; got pbc={atoms.pbc.tolist()}")
+        # MatterSim treats a periodic cell as periodic along all three axes: a slab or wire
+        # is closed with open-axis vectors too long for any image across them to be within
+        # the cutoff
+        atoms = closed_open_axes(atoms, max(self._cutoff, self._threebody_cutoff))
         with warnings.catch_warnings():  # its note on the box it puts around a molecule
             warnings.simplefilter("ignore", UserWarning)
             return self.convertor.convert(atoms.copy())

@@ -62,11 +62,15 @@ class MetatomicAdapter(ModelAdapter):
         torch = self._torch
         check_geometry(atoms)
         self.check(atoms.numbers)
+        # a System's cell vector along an open axis is zero (as metatomic's ASE calculator
+        # gives it): a slab's or wire's vacuum vectors are dropped
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        cell = np.where(pbc[:, None], atoms.cell.array, 0.0)
         return System(
             types=torch.as_tensor(atoms.numbers, dtype=torch.int32),
             positions=torch.as_tensor(atoms.positions, dtype=self._dtype),
-            cell=torch.as_tensor(atoms.cell.array, dtype=self._dtype),
-            pbc=torch.as_tensor(atoms.pbc, dtype=torch.bool)).to(self.device)
+            cell=torch.as_tensor(cell, dtype=self._dtype),
+            pbc=torch.as_tensor(pbc, dtype=torch.bool)).to(self.device)
 
     def _run(self, systems: list, layers: Sequence[str]) -> dict[str, np.ndarray]:
         from metatomic.torch import ModelEvaluationOptions, ModelOutput

@@ -19,7 +19,10 @@ own ``load_model``, which runs no code from the file); the architecture comes fr
   arguments (for models trained with another size).
 
 Graphs are built by Orb's ``ase_atoms_to_atom_graphs`` and batched by its ``batch_graphs``;
-only the backbone runs (no heads, no forces), in ``torch.inference_mode``.
+only the backbone runs (no heads, no forces), in ``torch.inference_mode``. Orb knows
+periodicity along all three axes or none: a slab or wire is given to it closed, with open-axis
+vectors long enough that no image across them is within the radius
+(:func:`.cells.closed_open_axes`), so that its graph is the partly periodic structure's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import ModelAdapter, StructureError, check_geometry
+from .base import ModelAdapter, check_geometry
+from .cells import closed_open_axes
 
 
 def pretrained_name(file_name: str, names: Sequence[str]) -> str | None:
@@ -106,9 +110,9 @@ class OrbAdapter(ModelAdapter):
         from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
 
         check_geometry(atoms)
-        if atoms.pbc.any() and not atoms.pbc.all():
-            raise StructureError("Orb supports periodicity along all three axes or none, "
-                                 f"not pbc={atoms.pbc.tolist()}")
+        # Orb knows periodicity along all three axes or none: a slab or wire is closed with
+        # open-axis vectors too long for any image across them to be within the radius
+        atoms = closed_open_axes(atoms, float(self.system_config.radius))
         return ase_atoms_to_atom_graphs(atoms, self.system_config, output_dtype=self._dtype,
                                         graph_construction_dtype=self._dtype)
 

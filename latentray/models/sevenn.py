@@ -163,13 +163,8 @@ class SevenNetAdapter(ModelAdapter):
             graph = unlabeled_atoms_to_graph(atoms, self._cutoff, with_shift=False)
         except (ValueError, RuntimeError, IndexError, MemoryError) as exc:
             raise StructureError(f"SevenNet graph building failed: {exc}") from None
-        edge_src = graph[KEY.EDGE_IDX][0]
-        lonely = np.flatnonzero(np.bincount(edge_src, minlength=len(atoms)) == 0)
-        if lonely.size:
-            raise StructureError(
-                f"{lonely.size} atom(s) with no neighbour within the cutoff of "
-                f"{self._cutoff:g} A (first: index {int(lonely[0])})"
-            )
+        # an atom with no neighbour within the cutoff is taken, as SevenNet's calculator
+        # takes it: its features are those of its element alone (no message reaches it)
         edge_vec = graph[KEY.EDGE_VEC]
         data = AtomGraphData.from_numpy_dict(graph)  # float32, as the calculator does
         import torch

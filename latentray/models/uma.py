@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import ModelAdapter, check_geometry
+from .cells import with_open_axis_vectors
 
 # what an inference checkpoint may contain besides tensors and plain containers
 _SAFE_GLOBALS = [("fairchem.core.units.mlip_unit.api.inference", "MLIPInferenceCheckpoint"),
@@ -104,7 +105,9 @@ class UMAAdapter(ModelAdapter):
 
         check_geometry(atoms)
         self.check(atoms.numbers)
-        atoms = atoms.copy()
+        # fairchem's radius graph is periodic along ``pbc`` only, but it refuses a partly
+        # periodic cell under 0.1 A^3 (a slab or wire without open-axis vectors)
+        atoms = with_open_axis_vectors(atoms, self._cutoff, min_volume=0.1).copy()
         self.model.validate_atoms_data(atoms, self.task)  # charge and spin defaults
         return AtomicData.from_ase(atoms, task_name=self.task, r_edges=False,
                                    radius=self._cutoff, max_neigh=None,
