@@ -19,6 +19,7 @@ import pytest
 from helpers import (assert_family_versions_recorded, assert_one_gfre_equals_skmatter,
                      layer_matrices)
 from latentray.cli import main
+from test_periodicity import _in_vacuum, _molecule, _short_open_vectors, _slab, _wire
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +123,58 @@ def test_one_run_mixes_families_from_conflicting_environments(mace_run):
     # the driver's environment has no MACE: it only ran in the actors
     assert subprocess.run([sys.executable, "-c", "import mace"],
                           capture_output=True).returncode != 0
+
+
+PERIODICITY = """
+import os, sys, warnings
+os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from ase.io import read
+from mace.calculators import MACECalculator
+from latentray.models import load_adapter
+
+path, given, out = sys.argv[2:5]
+calc = MACECalculator(model_paths=path, device="cpu", default_dtype="float64")
+model = load_adapter("mace", path, dtype="float64")
+flat = {}
+for k, atoms in enumerate(read(given, ":")):
+    try:
+        flat[f"{k}/own"] = calc.get_descriptors(atoms, invariants_only=True)
+    except Exception as e:  # what MACE's own calculator does not take
+        flat[f"{k}/own_error"] = np.array(f"{type(e).__name__}: {e}")
+    ours = model.forward([model.prepare(atoms)], ["bb1", "bb2"])
+    flat[f"{k}/ours"] = np.hstack([ours["bb1"], ours["bb2"]])
+np.savez(out, **flat)
+"""
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_mace_takes_slabs_wires_and_molecules_as_its_own_calculator(mace_run, build):
+    """MACE's own neighbour list is periodic along ``pbc`` only: bb1 | bb2 equal its own
+    ``get_descriptors`` on the structure as given (no cell vector along the open axes), in
+    a vacuum cell and with open-axis vectors of 4 A, and all three agree; the 4 A cell made
+    periodic everywhere is another graph."""
+    from ase.io import write
+
+    atoms = build()
+    short = _short_open_vectors(atoms)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    root = mace_run / build.__name__.strip("_")
+    root.mkdir()
+    write(root / "given.traj", [atoms, _in_vacuum(atoms), short, everywhere])
+    done = subprocess.run([str(MACE_PYTHON), "-c", PERIODICITY, str(ROOT),
+                           str(mace_run / "small.model"), str(root / "given.traj"),
+                           str(root / "out.npz")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(root / "out.npz")
+    assert not [k for k in got.files if k.endswith("own_error")], \
+        {k: str(got[k]) for k in got.files if k.endswith("own_error")}
+    for k in range(4):
+        assert got[f"{k}/ours"].shape[0] == len(atoms)
+        np.testing.assert_allclose(got[f"{k}/ours"], got[f"{k}/own"], rtol=1e-6, atol=1e-6)
+    for k in (1, 2):
+        np.testing.assert_allclose(got[f"{k}/ours"], got["0/ours"], atol=1e-6)
+    assert np.abs(got["3/ours"] - got["0/ours"]).max() > 1e-2

@@ -19,13 +19,14 @@ import pytest
 from helpers import (assert_family_versions_recorded, assert_one_gfre_equals_skmatter,
                      layer_matrices)
 from latentray.cli import main
+from test_periodicity import _in_vacuum, _molecule, _short_open_vectors, _slab, _wire
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MATTERSIM_PYTHON = ROOT / ".venv-mattersim" / "bin" / "python"
 N_STRUCTURES = 12
 
-BUILD_AND_REFERENCE = """
+HOOKED_CALCULATOR = """
 import os, sys, warnings
 warnings.simplefilter("ignore")
 import numpy as np, torch
@@ -33,30 +34,35 @@ from ase.io import read
 from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
 from mattersim.forcefield.potential import MatterSimCalculator, Potential
 
+
+def reference(path, frames):
+    \"\"\"Every layer from MatterSimCalculator, one structure at a time, by forward hooks.\"\"\"
+    potential = Potential.from_checkpoint(path, device="cpu", load_training_state=False)
+    m = potential.model
+    seen = {"bb1": [], "bb2": [], "g": [], "sigma": []}
+    for k, block in enumerate(m.graph_conv):
+        block.register_forward_hook(
+            lambda mod, a, o, k=k: seen[f"bb{k + 1}"].append(o[0].detach().numpy().copy()))
+    for b in ("g", "sigma"):
+        getattr(m.final, b)[-1].register_forward_pre_hook(
+            lambda mod, a, b=b: seen[b].append(a[0].detach().numpy().copy()))
+    calc = MatterSimCalculator(potential, device="cpu")
+    for a in frames:
+        a = a.copy()
+        a.calc = calc
+        a.get_potential_energy()
+    return dict(bb1=np.concatenate(seen["bb1"]), bb2=np.concatenate(seen["bb2"]),
+                ll=np.hstack([np.concatenate(seen["g"]), np.concatenate(seen["sigma"])]))
+"""
+
+BUILD_AND_REFERENCE = HOOKED_CALCULATOR + """
 out, structures, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = M3Gnet(num_blocks=2, units=16, max_l=2, max_n=3, cutoff=5.0, threebody_cutoff=4.0,
                device="cpu")
 path = os.path.join(out, "small-mattersim.pth")
 Potential(model, device="cpu").save(path)
-potential = Potential.from_checkpoint(path, device="cpu", load_training_state=False)
-m = potential.model
-seen = {"bb1": [], "bb2": [], "g": [], "sigma": []}
-for k, block in enumerate(m.graph_conv):
-    block.register_forward_hook(
-        lambda mod, a, o, k=k: seen[f"bb{k + 1}"].append(o[0].detach().numpy().copy()))
-for b in ("g", "sigma"):
-    getattr(m.final, b)[-1].register_forward_pre_hook(
-        lambda mod, a, b=b: seen[b].append(a[0].detach().numpy().copy()))
-calc = MatterSimCalculator(potential, device="cpu")
-frames = read(structures, index=f":{n}")
-for a in frames:
-    a = a.copy()
-    a.calc = calc
-    a.get_potential_energy()
-np.savez(os.path.join(out, "reference.npz"), bb1=np.concatenate(seen["bb1"]),
-         bb2=np.concatenate(seen["bb2"]),
-         ll=np.hstack([np.concatenate(seen["g"]), np.concatenate(seen["sigma"])]))
+np.savez(os.path.join(out, "reference.npz"), **reference(path, read(structures, index=f":{n}")))
 """
 
 
@@ -110,27 +116,71 @@ def test_mattersim_is_compared_with_chgnet(mattersim_run):
     assert_one_gfre_equals_skmatter(mattersim_run / "out", "mattersim-small", "chgnet-0.3.0")
 
 
-def test_float64_and_partly_periodic_cells_are_refused(mattersim_run):
+def test_float64_is_refused(mattersim_run):
     script = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from ase import Atoms
-from latentray.models import StructureError, load_adapter
+from latentray.models import load_adapter
 try:
     load_adapter("mattersim", {str(mattersim_run / "small-mattersim.pth")!r}, dtype="float64")
 except ValueError as e:
     assert "float32" in str(e), e
 else:
     raise AssertionError("float64 accepted")
-model = load_adapter("mattersim", {str(mattersim_run / "small-mattersim.pth")!r})
-slab = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]], cell=[3, 3, 20], pbc=[1, 1, 0])
-try:
-    model.prepare(slab)
-except StructureError as e:
-    assert "periodic" in str(e), e
-else:
-    raise AssertionError("slab accepted")
 """
     done = subprocess.run([str(MATTERSIM_PYTHON), "-c", script], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+PERIODICITY = HOOKED_CALCULATOR + """
+sys.path.insert(0, sys.argv[1])
+from latentray.models import load_adapter
+
+path, given, closed, out = sys.argv[2:6]
+model = load_adapter("mattersim", path)
+flat = {f"reference/{layer}": v for layer, v in reference(path, read(closed, ":")).items()}
+for k, atoms in enumerate(read(given, ":")):
+    for layer, values in model.forward([model.prepare(atoms)], ["all"]).items():
+        flat[f"{k}/{layer}"] = values
+np.savez(out, **flat)
+"""
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_mattersim_takes_slabs_wires_and_molecules(mattersim_run, build):
+    """MatterSim treats any periodic cell as periodic along all three axes. The structure
+    in a vacuum cell made periodic along every axis (20 A between images across an open
+    axis, more than its 5 A cutoff) has the partly periodic structure's graph: every layer of
+    ours equals MatterSim's own calculator on it, for the structure as given (no cell vector
+    along the open axes), in a vacuum cell and with open-axis vectors of 4 A (a molecule: as
+    given, no cell, through its own calculator too). The 4 A cell made periodic everywhere is
+    another graph."""
+    from ase.io import write
+
+    atoms = build()
+    closed = _in_vacuum(atoms)
+    closed.pbc = True
+    short = _short_open_vectors(atoms)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    root = mattersim_run / build.__name__.strip("_")
+    root.mkdir()
+    write(root / "given.traj", [atoms, _in_vacuum(atoms), short, everywhere])
+    write(root / "closed.traj", [closed] + ([atoms] if not atoms.pbc.any() else []))
+    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", PERIODICITY, str(ROOT),
+                           str(mattersim_run / "small-mattersim.pth"), str(root / "given.traj"),
+                           str(root / "closed.traj"), str(root / "out.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(root / "out.npz")
+    n = len(atoms)
+    for layer in ("bb1", "bb2", "ll"):
+        theirs = got[f"reference/{layer}"]
+        if not atoms.pbc.any():  # the molecule itself, through its own calculator
+            assert theirs.shape[0] == 2 * n
+            np.testing.assert_allclose(theirs[n:], theirs[:n], atol=1e-5, err_msg=layer)
+        for k in range(3):
+            np.testing.assert_allclose(got[f"{k}/{layer}"], theirs[:n], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"variant {k}, {layer}")
+    assert np.abs(got["3/bb1"] - got["reference/bb1"][:n]).max() > 1e-2

@@ -16,6 +16,8 @@ from metatensor.torch import Labels, TensorBlock, TensorMap  # noqa: E402
 from metatomic.torch import NeighborListOptions, System  # noqa: E402
 
 from latentray.models import StructureError, load_adapter  # noqa: E402
+from test_periodicity import (  # noqa: E402
+    _in_vacuum, _molecule, _short_open_vectors, _slab, _wire)
 
 MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
 LAST_LAYER = "mtt::aux::energy_last_layer_features"
@@ -92,6 +94,40 @@ def test_features_equal_metatomics_own_calculator(exported):
                 .block().values.numpy() for a in frames])
             np.testing.assert_allclose(ours[layer], theirs, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(ours["bb"], ours["bb1"])
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_metatomic_takes_slabs_wires_and_molecules_as_its_own_calculator(exported, build):
+    """metatomic's neighbour list is periodic along ``pbc`` only: both layers equal
+    MetatomicCalculator on the structure in a vacuum cell, for the structure as given (no
+    cell vector along the open axes), in a vacuum cell and with open-axis vectors of 4 A,
+    and equal the calculator on each variant; the 4 A cell made periodic everywhere is
+    another graph."""
+    from metatomic_ase import MetatomicCalculator
+
+    model = load_adapter("metatomic", exported)
+    atoms = build()
+    short = _short_open_vectors(atoms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = MetatomicCalculator(exported)
+
+        def own(variant):
+            return {layer: calc.run_model(variant, {name: mta.ModelOutput(sample_kind="atom")})
+                    [name].block().values.numpy()
+                    for layer, name in [("bb1", "feature"), ("ll", LAST_LAYER)]}
+
+        theirs = own(_in_vacuum(atoms))
+        for variant in (atoms, _in_vacuum(atoms), short):
+            ours = model.forward([model.prepare(variant)], ["bb1", "ll"])
+            for layer, values in own(variant).items():
+                assert ours[layer].shape[0] == len(atoms)
+                np.testing.assert_allclose(ours[layer], values, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(ours[layer], theirs[layer], rtol=1e-6, atol=1e-6)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    wrong = model.forward([model.prepare(everywhere)], ["bb1"])["bb1"]
+    assert np.abs(wrong - theirs["bb1"]).max() > 1e-2
 
 
 def test_unsupported_elements_are_a_structure_error(exported):

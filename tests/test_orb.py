@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.io import read
 
 from helpers import assert_family_versions_recorded, layer_matrices
+from test_periodicity import _in_vacuum, _molecule, _short_open_vectors, _slab, _wire
 from latentray.models.orb import pretrained_name
 
 MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
@@ -109,10 +110,42 @@ def test_names_options_and_geometry_errors(small_orb, tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
         load_adapter("orb", str(small_orb), options={"radius": 5})
     model = load_adapter("orb", str(small_orb), options=OPTIONS)
-    slab = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]], cell=[3, 3, 20],
-                 pbc=[True, True, False])
-    with pytest.raises(StructureError, match="periodicity"):
-        model.prepare(slab)
+    with pytest.raises(StructureError, match="NaN"):
+        model.prepare(Atoms("Cu2", positions=[[0, 0, 0], [0, 0, np.nan]], cell=[3, 3, 3],
+                            pbc=True))
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_orb_takes_slabs_wires_and_molecules(small_orb, build):
+    """Orb's own calculator refuses partial periodicity (it knows all axes or none). The
+    structure in a vacuum cell made periodic along every axis (20 A between images across an
+    open axis, more than the 6 A radius) has the partly periodic structure's graph: every
+    layer of ours equals Orb's own calculator on it, for the structure as given (no cell
+    vector along the open axes), in a vacuum cell and with open-axis vectors of 4 A; a
+    molecule is also compared with Orb on itself (no cell, no periodicity). The 4 A cell
+    made periodic everywhere is another graph (so the test can tell)."""
+    from latentray.models import load_adapter
+
+    model = load_adapter("orb", str(small_orb), options=OPTIONS)
+    atoms = build()
+    closed = _in_vacuum(atoms)
+    closed.pbc = True
+    theirs = orb_reference(small_orb, [closed])
+    if not atoms.pbc.any():
+        own = orb_reference(small_orb, [atoms])
+        for name in theirs:
+            np.testing.assert_allclose(own[name], theirs[name], atol=1e-5, err_msg=name)
+    short = _short_open_vectors(atoms)
+    for variant in (atoms, _in_vacuum(atoms), short):
+        ours = model.forward([model.prepare(variant)], ["bb1", "bb2", "bb3"])
+        for name in theirs:
+            assert ours[name].shape == (len(atoms), 24)
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5,
+                                       err_msg=name)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    wrong = model.forward([model.prepare(everywhere)], ["bb1"])["bb1"]
+    assert np.abs(wrong - theirs["bb1"]).max() > 1e-2
 
 
 @pytest.mark.slow

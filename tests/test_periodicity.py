@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import fcc111, molecule, nanotube
 from ase.neighborlist import neighbor_list
 
@@ -190,6 +191,56 @@ def test_sevennet_takes_slabs_wires_and_molecules_as_its_own_calculator(build):
     everywhere.pbc = True
     wrong = adapter.forward([adapter.prepare(everywhere)], ["bb1"])["bb1"]
     assert np.abs(wrong - first["bb1"]).max() > 1e-2
+
+
+# -- isolated atoms: as each model's own code takes them ------------------------------------
+
+
+def _isolated():
+    """A single atom (no cell), an atom 15 A from a bonded pair in a 30 A periodic box, and
+    two atoms 12 A apart without a cell."""
+    return [Atoms("Cu"),
+            Atoms("Si2O", positions=[[1, 1, 1], [3.3, 1, 1], [16, 16, 1]], cell=np.eye(3) * 30,
+                  pbc=True),
+            Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 12]])]
+
+
+def test_sevennet_takes_isolated_atoms_as_its_own_calculator():
+    """SevenNet's calculator gives an atom with no neighbour within the cutoff its
+    element's features (no message reaches it): every layer equals it, finite, for a single
+    atom, an isolated atom beside a bonded pair and two far-apart atoms."""
+    pytest.importorskip("sevenn")
+    from helpers import run_calculator, sevennet_hooked_calculator
+
+    from latentray.models import load_adapter
+
+    adapter = load_adapter("sevenn", "7net-0")
+    calc, records = sevennet_hooked_calculator("7net-0")
+    for atoms in _isolated():
+        expected = run_calculator(calc, records, [atoms])
+        ours = adapter.forward([adapter.prepare(atoms)], ["all"])
+        for layer, values in ours.items():
+            assert values.shape[0] == len(atoms) and np.isfinite(values).all()
+            np.testing.assert_allclose(values, expected[layer], atol=1e-5, rtol=1e-5,
+                                       err_msg=layer)
+
+
+def test_chgnet_refuses_isolated_atoms_as_its_own_graph_converter(chgnet):
+    """CHGNet's own graph converter refuses a structure with an atom that has no neighbour
+    within the cutoff ("CHGNet calculation will likely go wrong"): latentray gives the same
+    structures a StructureError that says so (a row in failures/)."""
+    from chgnet.model import CHGNet
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from latentray.models import StructureError
+
+    model = CHGNet.load(model_name="0.3.0", use_device="cpu", verbose=False)
+    for atoms in _isolated():
+        boxed = _in_vacuum(atoms) if not atoms.pbc.any() else atoms
+        with pytest.raises(ValueError, match="isolated atom"):
+            model.predict_structure(AseAtomsAdaptor.get_structure(boxed), task="e")
+        with pytest.raises(StructureError, match="no neighbour within the cutoff"):
+            chgnet.prepare(atoms)
 
 
 # -- a mixed dataset through `latentray run` -------------------------------------------------

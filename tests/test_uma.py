@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("fairchem.core")
 
 from latentray.models import StructureError, load_adapter  # noqa: E402
+from test_periodicity import (  # noqa: E402
+    _in_vacuum, _molecule, _short_open_vectors, _slab, _wire)
 
 MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
 TASKS = ["oc20", "omat", "omol"]
@@ -159,3 +161,33 @@ def test_describe_records_fairchems_version(small_uma):
                                                 modality="omat"))
     assert (d.distribution, d.version) == ("fairchem-core", version("fairchem-core"))
     assert "latentray/models/uma.py" in d.code and d.layer_widths["ll"] == 16
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_uma_takes_slabs_wires_and_molecules_as_its_own_calculator(small_uma, build):
+    """fairchem builds the graph with its own radius graph, periodic along ``pbc`` only.
+    Every layer equals FAIRChemCalculator on the structure in a vacuum cell, for the
+    structure as given (no cell vector along the open axes: fairchem's own code refuses a
+    slab or wire so, latentray gives it open-axis vectors), in a vacuum cell and with
+    open-axis vectors of 4 A; and equals the calculator on each variant it takes. The 4 A
+    cell made periodic everywhere is another graph."""
+    model = load_adapter("uma", small_uma, modality="omat")
+    atoms = build()
+    theirs = calculator_reference(small_uma, [_in_vacuum(atoms)], "omat")
+    short = _short_open_vectors(atoms)
+    for variant in (atoms, _in_vacuum(atoms), short):
+        ours = model.forward([model.prepare(variant)], ["bb1", "bb2", "ll"])
+        own = None
+        if not atoms.pbc.any() or variant is not atoms:  # what fairchem takes as it is
+            own = calculator_reference(small_uma, [variant], "omat")
+        for name in theirs:
+            assert ours[name].shape[0] == len(atoms)
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-4,
+                                       err_msg=name)
+            if own is not None:
+                np.testing.assert_allclose(ours[name], own[name], rtol=1e-5, atol=2e-5,
+                                           err_msg=name)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    wrong = model.forward([model.prepare(everywhere)], ["bb1"])["bb1"]
+    assert np.abs(wrong - theirs["bb1"]).max() > 1e-2
