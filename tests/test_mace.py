@@ -178,3 +178,26 @@ def test_mace_takes_slabs_wires_and_molecules_as_its_own_calculator(mace_run, bu
     for k in (1, 2):
         np.testing.assert_allclose(got[f"{k}/ours"], got["0/ours"], atol=1e-6)
     assert np.abs(got["3/ours"] - got["0/ours"]).max() > 1e-2
+
+
+def test_mace_takes_isolated_atoms_as_its_own_calculator(mace_run):
+    """An atom with no neighbour within the cutoff, through MACE's own ``get_descriptors``: bb1
+    | bb2 of ours equal it, finite, for a single atom, an atom 15 A from a bonded pair in a
+    periodic box and two atoms 12 A apart without a cell."""
+    from ase.io import write
+    from test_periodicity import _isolated
+
+    frames = _isolated()
+    root = mace_run / "isolated"
+    root.mkdir()
+    write(root / "given.traj", frames)
+    done = subprocess.run([str(MACE_PYTHON), "-c", PERIODICITY, str(ROOT),
+                           str(mace_run / "small.model"), str(root / "given.traj"),
+                           str(root / "out.npz")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(root / "out.npz")
+    assert not [k for k in got.files if k.endswith("own_error")], \
+        {k: str(got[k]) for k in got.files if k.endswith("own_error")}
+    for k, atoms in enumerate(frames):
+        assert got[f"{k}/ours"].shape[0] == len(atoms) and np.isfinite(got[f"{k}/ours"]).all()
+        np.testing.assert_allclose(got[f"{k}/ours"], got[f"{k}/own"], rtol=1e-6, atol=1e-6)

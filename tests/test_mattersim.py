@@ -184,3 +184,30 @@ def test_mattersim_takes_slabs_wires_and_molecules(mattersim_run, build):
             np.testing.assert_allclose(got[f"{k}/{layer}"], theirs[:n], rtol=1e-5, atol=1e-5,
                                        err_msg=f"variant {k}, {layer}")
     assert np.abs(got["3/bb1"] - got["reference/bb1"][:n]).max() > 1e-2
+
+
+def test_mattersim_takes_isolated_atoms_as_its_own_calculator(mattersim_run):
+    """An atom with no neighbour within the cutoff, through MatterSim's own calculator: every
+    layer of ours equals it, finite, for a single atom, an atom 15 A from a bonded pair in a
+    periodic box and two atoms 12 A apart without a cell."""
+    from ase.io import write
+    from test_periodicity import _isolated
+
+    frames = _isolated()
+    root = mattersim_run / "isolated"
+    root.mkdir()
+    write(root / "given.traj", frames)
+    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", PERIODICITY, str(ROOT),
+                           str(mattersim_run / "small-mattersim.pth"), str(root / "given.traj"),
+                           str(root / "given.traj"), str(root / "out.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(root / "out.npz")
+    ends = np.cumsum([len(atoms) for atoms in frames])
+    for layer in ("bb1", "bb2", "ll"):
+        theirs = np.split(got[f"reference/{layer}"], ends[:-1])
+        for k, atoms in enumerate(frames):
+            ours = got[f"{k}/{layer}"]
+            assert ours.shape[0] == len(atoms) and np.isfinite(ours).all()
+            np.testing.assert_allclose(ours, theirs[k], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{atoms.get_chemical_formula()}, {layer}")

@@ -147,3 +147,24 @@ def test_describe_records_metatomics_version(exported):
                                                 checkpoint=exported))
     assert (d.distribution, d.version) == ("metatomic-torch", version("metatomic-torch"))
     assert "latentray/models/metatomic.py" in d.code
+
+
+def test_metatomic_takes_isolated_atoms_as_its_own_calculator(exported):
+    """MetatomicCalculator gives an atom with no neighbour within the cutoff what the model
+    makes of it alone: both layers of ours equal it, finite, for a single atom, an atom 15 A
+    from a bonded pair in a periodic box and two atoms 12 A apart without a cell."""
+    from metatomic_ase import MetatomicCalculator
+    from test_periodicity import _isolated
+
+    model = load_adapter("metatomic", exported)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = MetatomicCalculator(exported)
+        for atoms in _isolated():
+            ours = model.forward([model.prepare(atoms)], ["bb1", "ll"])
+            for layer, name in [("bb1", "feature"), ("ll", LAST_LAYER)]:
+                theirs = calc.run_model(atoms, {name: mta.ModelOutput(sample_kind="atom")})
+                theirs = theirs[name].block().values.numpy()
+                assert ours[layer].shape[0] == len(atoms) and np.isfinite(ours[layer]).all()
+                np.testing.assert_allclose(ours[layer], theirs, rtol=1e-6, atol=1e-6,
+                                           err_msg=f"{atoms.get_chemical_formula()}, {layer}")

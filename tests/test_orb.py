@@ -173,3 +173,21 @@ def test_latentray_run_with_orb_options(small_orb, tmp_path):
     assert sorted(ours) == ["bb1", "bb2", "bb3"]
     for name, features in ours.items():
         np.testing.assert_allclose(features, theirs[name], rtol=1e-5, atol=1e-5)
+
+
+def test_orb_takes_isolated_atoms_as_its_own_calculator(small_orb):
+    """An atom with no neighbour within the cutoff, through Orb's own calculator: every layer of
+    ours equals it, finite, for a single atom, an atom 15 A from a bonded pair in a periodic box
+    and two atoms 12 A apart without a cell."""
+    from test_periodicity import _isolated
+
+    from latentray.models import load_adapter
+
+    model = load_adapter("orb", str(small_orb), options=OPTIONS)
+    for atoms in _isolated():
+        theirs = orb_reference(small_orb, [atoms])
+        ours = model.forward([model.prepare(atoms)], ["bb1", "bb2", "bb3"])
+        for name in theirs:
+            assert ours[name].shape == (len(atoms), 24) and np.isfinite(ours[name]).all()
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{atoms.get_chemical_formula()}, {name}")

@@ -191,3 +191,19 @@ def test_uma_takes_slabs_wires_and_molecules_as_its_own_calculator(small_uma, bu
     everywhere.pbc = True
     wrong = model.forward([model.prepare(everywhere)], ["bb1"])["bb1"]
     assert np.abs(wrong - theirs["bb1"]).max() > 1e-2
+
+
+def test_uma_takes_isolated_atoms_as_its_own_calculator(small_uma):
+    """An atom with no neighbour within the cutoff, through FAIRChemCalculator: every layer of
+    ours equals it, finite, for a single atom, an atom 15 A from a bonded pair in a periodic box
+    and two atoms 12 A apart without a cell."""
+    from test_periodicity import _isolated
+
+    model = load_adapter("uma", small_uma, modality="omat")
+    for atoms in _isolated():
+        theirs = calculator_reference(small_uma, [atoms], "omat")
+        ours = model.forward([model.prepare(atoms)], ["bb1", "bb2", "ll"])
+        for name in theirs:
+            assert ours[name].shape[0] == len(atoms) and np.isfinite(ours[name]).all()
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=2e-5,
+                                       err_msg=f"{atoms.get_chemical_formula()}, {name}")
