@@ -472,3 +472,23 @@ def test_running_qr_is_the_r_factor_of_every_row_added(chunks, rank_deficient):
     if not rank_deficient:  # R is unique up to the signs of its rows
         R0 = np.linalg.qr(A, mode="r")
         np.testing.assert_allclose(np.abs(R), np.abs(R0), rtol=1e-9, atol=1e-13 * s0[0])
+
+
+@pytest.mark.parametrize("chunks", [[6000], [40, 30, 3000, 1, 2000, 2500], [10, 20], [2048, 4097]])
+def test_running_qr_filled_in_place_equals_adding_the_rows_to_the_last_bit(chunks):
+    """``add_filled`` (each block written in place, Fortran order, never the whole chunk) gives
+    the R of ``add`` of the same chunks exactly: the same blocks, the same values."""
+    rng = np.random.default_rng(5)
+    p = 40
+    A = rng.standard_normal((sum(chunks), p)) * 10.0 ** -np.linspace(0, 6, p) + 3
+    added, filled = lr.RunningQR(p), lr.RunningQR(p)
+    for part in np.split(A, np.cumsum(chunks)[:-1]):
+        added.add(part)
+
+        def fill(out, start, stop, part=part):
+            assert out.shape == (stop - start, p) and out.dtype == np.float64
+            out[:] = part[start:stop]
+
+        filled.add_filled(len(part), fill)
+    assert filled.n == added.n == len(A)
+    np.testing.assert_array_equal(filled.r(), added.r())

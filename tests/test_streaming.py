@@ -206,6 +206,26 @@ def test_all_pairs_of_sides_without_common_rows_are_refused(three_sides):
         all_pairs_at_scale(sides, [(1, 2)], n_test=50)
 
 
+def test_all_pairs_bad_rows_name_their_block_and_absent_sides_are_not_read(three_sides):
+    """NaN in a row of a side that has the row is refused, naming the block and the row; the
+    same NaN where that side has no row (a model that did not process the structure) is
+    never read, and the values equal those without it to the last bit."""
+    Xs = [X.copy() for X in three_sides["Xs"]]
+    present = three_sides["present"]
+    absent, kept = np.flatnonzero(~present[:, 2])[0], np.flatnonzero(present[:, 2])[300]
+    clean = all_pairs_at_scale(ArraySides(**three_sides, block_rows=400), [(0, 2), (2, 1)],
+                               n_test=50, metrics=("gfre",))
+    Xs[2][absent, 3] = np.nan
+    masked = all_pairs_at_scale(ArraySides(**{**three_sides, "Xs": Xs}, block_rows=400),
+                                [(0, 2), (2, 1)], n_test=50, metrics=("gfre",))
+    assert {p: r.values for p, r in masked.items()} == {p: r.values for p, r in clean.items()}
+    Xs[2][kept, 3] = np.inf
+    with pytest.raises(ValueError, match=rf"block {kept // 400}: rows with NaN .* "
+                                         rf"\(first: row {kept}\)"):
+        all_pairs_at_scale(ArraySides(**{**three_sides, "Xs": Xs}, block_rows=400),
+                           [(0, 2)], n_test=50)
+
+
 def test_centred_states_merge_to_the_whole():
     rng = np.random.default_rng(0)
     A = rng.standard_normal((500, 6)) * [1, 10, 1e-3, 1, 1, 1] + [0, 1e6, 0, -3, 0, 7]

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from scipy.linalg import get_lapack_funcs
@@ -236,6 +236,36 @@ class RunningQR:
         nb = min(_TPQRT_NB, self.p)
         for start in range(0, len(a), _TPQRT_ROWS):  # (a copy: ?tpqrt overwrites it)
             block = np.array(a[start: start + _TPQRT_ROWS], dtype=self._R.dtype, order="F")
+            self._R, _, _, info = self._tpqrt(0, nb, self._R, block, overwrite_a=1,
+                                              overwrite_b=1)
+            if info:
+                raise np.linalg.LinAlgError(f"?tpqrt failed (info={info})")
+
+    def add_filled(self, n_rows: int, fill: Callable[[np.ndarray, int, int], None]) -> None:
+        """:meth:`add` of an ``(n_rows, p)`` float64 matrix that is never formed whole:
+        ``fill(out, start, stop)`` writes its rows ``start:stop`` into ``out`` (Fortran
+        order, as ``?tpqrt`` takes it). The same blocks and values as :meth:`add`, so the
+        same ``R`` to the last bit, with one block of rows in memory instead of the matrix."""
+        if self._R is None and (self._rows or self.n + n_rows < 2 * self.p):
+            a = np.empty((n_rows, self.p))
+            fill(a, 0, n_rows)
+            self.add(a)
+            return
+        if self._R is None:
+            self._R = np.zeros((self.p, self.p), order="F")
+            self._tpqrt, = get_lapack_funcs(("tpqrt",), (self._R,))
+        if self._R.dtype != np.float64:
+            raise TypeError(f"add_filled needs a float64 R, this one is {self._R.dtype}")
+        self.n += n_rows
+        nb, full = min(_TPQRT_NB, self.p), None
+        for start in range(0, n_rows, _TPQRT_ROWS):
+            stop = min(start + _TPQRT_ROWS, n_rows)
+            if stop - start == _TPQRT_ROWS:  # (one buffer for every full block)
+                block = full = (full if full is not None
+                                else np.empty((_TPQRT_ROWS, self.p), order="F"))
+            else:
+                block = np.empty((stop - start, self.p), order="F")
+            fill(block, start, stop)
             self._R, _, _, info = self._tpqrt(0, nb, self._R, block, overwrite_a=1,
                                               overwrite_b=1)
             if info:
