@@ -15,7 +15,8 @@ For every size n and width pair (dx, dy) in (128, 128), (256, 64), on the same s
 
 and the streamed fit alone at ``--big`` rows (dx=256 -> dy=64, HashSplit), in one process and
 as Ray tasks on every core (``RayExecutor`` on a local Ray instance, as the analysis stage runs
-it; its memory: the proportional set size of this process and every Ray process it started).
+it; its memory: the proportional set size of this process and every Ray process it started,
+sampled every second in one call; its time: a second call, unsampled).
 The in-memory split is ``latentray.method.splits.paper_split(n, 1000, seed=0)``.
 
 Data: X = G M + mu (G standard normal, M a fixed mixing with singular values over 3 decades),
@@ -247,6 +248,14 @@ def measure(method: str, n: int, dx: int, dy: int, directory: str) -> dict:
     if tree is not None:  # the memory of every process of the run, not the driver's alone
         out["driver_peak_rss_gb"] = out["peak_rss_gb"]
         out["pss_before_gb"], out["peak_rss_gb"] = tree.stop()
+        out["sampler_cpu_s"] = tree.cpu_s
+        # the time again, unsampled (the sampler slows what it samples); the same value
+        out["wall_s_sampled"] = out["wall_s"]
+        t = time.perf_counter()
+        again = call()
+        out["wall_s"] = time.perf_counter() - t
+        if again["gfre"] != out["gfre"]:
+            raise RuntimeError(f"the unsampled run gave another GFRE: {again} vs {out}")
     return out
 
 
@@ -268,19 +277,26 @@ def _tree_pss_gb() -> float:
 
 
 class _TreeMemory:
-    """Samples :func:`_tree_pss_gb` every 0.2 s in a thread; ``stop()``: (first, peak)."""
+    """Samples :func:`_tree_pss_gb` every ``interval`` s in a thread; ``stop()``: (first,
+    peak). Reading every process's ``smaps_rollup`` walks its page tables (kernel time of
+    this process, and a lock the sampled processes wait on): at 0.2 s that took 17 s of CPU
+    in a 105 s run at 1e7 rows, so it samples every second and reports its own CPU time
+    (``sampler_cpu_s``) beside the wall time it perturbs."""
 
-    def __init__(self):
+    def __init__(self, interval: float = 1.0):
         import threading
 
+        self.interval, self.cpu_s = interval, 0.0
         self.first = self.peak = _tree_pss_gb()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
-        while not self._done.wait(0.2):
+        while not self._done.wait(self.interval):
+            t = time.thread_time()
             self.peak = max(self.peak, _tree_pss_gb())
+            self.cpu_s += time.thread_time() - t
 
     def stop(self) -> tuple[float, float]:
         self._done.set()
