@@ -365,8 +365,7 @@ class _CentredRows:
         if not len(rows):
             return
         if not self._running.n:  # (as add: the mean of the first chunk, in float64)
-            self.shift = np.concatenate([np.asarray(part[rows], dtype=np.float64)
-                                         for part in parts], axis=1).mean(axis=0)
+            self.shift = _side_by_side([part[rows] for part in parts]).mean(axis=0)
         edges = np.cumsum([1] + [part.shape[1] for part in parts])
 
         def fill(out: np.ndarray, start: int, stop: int) -> None:
@@ -419,12 +418,9 @@ class _Statistics:
                            dx=parts[0].dx)
 
 
-def _finite_rows(parts: Sequence[np.ndarray], row: np.ndarray, where: str) -> np.ndarray:
-    """The matrices ``parts`` (the same rows) side by side in float64; NaN or inf is refused,
-    naming the first such row by its number in ``row``."""
-    A = np.concatenate([np.asarray(p, dtype=np.float64) for p in parts], axis=1)
-    _refuse_non_finite(np.all(np.isfinite(A), axis=1), row, where)
-    return A
+def _side_by_side(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The matrices ``parts`` (the same rows) side by side in float64."""
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts], axis=1)
 
 
 def _finite_mask(X: np.ndarray) -> np.ndarray:
@@ -460,8 +456,7 @@ def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
         for fold, state in states.items():
             state.add_rows([block.X, block.Y], start + np.flatnonzero(lab == fold))
         test = start + np.flatnonzero(lab == TEST)
-        tests.append(_TestRows(A=_finite_rows([block.X[test], block.Y[test]], block.row[test],
-                                              f"block {i}"),
+        tests.append(_TestRows(A=_side_by_side([block.X[test], block.Y[test]]),
                                row=block.row[test],
                                groups={g: v[test] for g, v in block.groups.items()}))
     folds = [states[f].state() if states[f].n else None for f in (FOLD1, FOLD2)]
@@ -903,8 +898,7 @@ def _block_joint_statistics(source, i: int, offset: int, split: "HashSplit",
             c, f = cand[start: start + step], fold[start: start + step]
             for label, state in states.items():
                 state.add_rows(columns, r[~c & (f == label)])
-            parts.append(_Candidates(A=_finite_rows([X[r[c]] for X in columns], block.row[r[c]],
-                                                    f"block {i}"),
+            parts.append(_Candidates(A=_side_by_side([X[r[c]] for X in columns]),
                                      key=keys[r][c], stratum=strata[r][c], row=block.row[r][c],
                                      groups={g: v[r][c] for g, v in block.groups.items()}))
         folds[p] = [states[f].state() if states[f].n else None for f in (FOLD1, FOLD2)]
