@@ -150,21 +150,14 @@ np.savez(out, **flat)
 """
 
 
-@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
-def test_mace_takes_slabs_wires_and_molecules_as_its_own_calculator(mace_run, build):
-    """MACE's own neighbour list is periodic along ``pbc`` only: bb1 | bb2 equal its own
-    ``get_descriptors`` on the structure as given (no cell vector along the open axes), in
-    a vacuum cell and with open-axis vectors of 4 A, and all three agree; the 4 A cell made
-    periodic everywhere is another graph."""
+def _run_periodicity(mace_run, name: str, frames):
+    """Ours and MACE's own ``get_descriptors`` on ``frames``, in ``.venv-mace``: the npz,
+    after checking that MACE's own calculator took every frame."""
     from ase.io import write
 
-    atoms = build()
-    short = _short_open_vectors(atoms)
-    everywhere = short.copy()
-    everywhere.pbc = True
-    root = mace_run / build.__name__.strip("_")
+    root = mace_run / name
     root.mkdir()
-    write(root / "given.traj", [atoms, _in_vacuum(atoms), short, everywhere])
+    write(root / "given.traj", frames)
     done = subprocess.run([str(MACE_PYTHON), "-c", PERIODICITY, str(ROOT),
                            str(mace_run / "small.model"), str(root / "given.traj"),
                            str(root / "out.npz")], capture_output=True, text=True)
@@ -172,6 +165,21 @@ def test_mace_takes_slabs_wires_and_molecules_as_its_own_calculator(mace_run, bu
     got = np.load(root / "out.npz")
     assert not [k for k in got.files if k.endswith("own_error")], \
         {k: str(got[k]) for k in got.files if k.endswith("own_error")}
+    return got
+
+
+@pytest.mark.parametrize("build", [_slab, _wire, _molecule])
+def test_mace_takes_slabs_wires_and_molecules_as_its_own_calculator(mace_run, build):
+    """MACE's own neighbour list is periodic along ``pbc`` only: bb1 | bb2 equal its own
+    ``get_descriptors`` on the structure as given (no cell vector along the open axes), in
+    a vacuum cell and with open-axis vectors of 4 A, and all three agree; the 4 A cell made
+    periodic everywhere is another graph."""
+    atoms = build()
+    short = _short_open_vectors(atoms)
+    everywhere = short.copy()
+    everywhere.pbc = True
+    got = _run_periodicity(mace_run, build.__name__.strip("_"),
+                           [atoms, _in_vacuum(atoms), short, everywhere])
     for k in range(4):
         assert got[f"{k}/ours"].shape[0] == len(atoms)
         np.testing.assert_allclose(got[f"{k}/ours"], got[f"{k}/own"], rtol=1e-6, atol=1e-6)
@@ -184,20 +192,10 @@ def test_mace_takes_isolated_atoms_as_its_own_calculator(mace_run):
     """An atom with no neighbour within the cutoff, through MACE's own ``get_descriptors``: bb1
     | bb2 of ours equal it, finite, for a single atom, an atom 15 A from a bonded pair in a
     periodic box and two atoms 12 A apart without a cell."""
-    from ase.io import write
     from test_periodicity import _isolated
 
     frames = _isolated()
-    root = mace_run / "isolated"
-    root.mkdir()
-    write(root / "given.traj", frames)
-    done = subprocess.run([str(MACE_PYTHON), "-c", PERIODICITY, str(ROOT),
-                           str(mace_run / "small.model"), str(root / "given.traj"),
-                           str(root / "out.npz")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = np.load(root / "out.npz")
-    assert not [k for k in got.files if k.endswith("own_error")], \
-        {k: str(got[k]) for k in got.files if k.endswith("own_error")}
+    got = _run_periodicity(mace_run, "isolated", frames)
     for k, atoms in enumerate(frames):
         assert got[f"{k}/ours"].shape[0] == len(atoms) and np.isfinite(got[f"{k}/ours"]).all()
         np.testing.assert_allclose(got[f"{k}/ours"], got[f"{k}/own"], rtol=1e-6, atol=1e-6)

@@ -147,6 +147,23 @@ np.savez(out, **flat)
 """
 
 
+def _run_periodicity(mattersim_run, name: str, given, closed):
+    """Every layer of ours on ``given`` and of MatterSim's own calculator on ``closed``
+    (``reference/LAYER``, the frames' rows one after another), in ``.venv-mattersim``."""
+    from ase.io import write
+
+    root = mattersim_run / name
+    root.mkdir()
+    write(root / "given.traj", given)
+    write(root / "closed.traj", closed)
+    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", PERIODICITY, str(ROOT),
+                           str(mattersim_run / "small-mattersim.pth"), str(root / "given.traj"),
+                           str(root / "closed.traj"), str(root / "out.npz")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(root / "out.npz")
+
+
 @pytest.mark.parametrize("build", [_slab, _wire, _molecule])
 def test_mattersim_takes_slabs_wires_and_molecules(mattersim_run, build):
     """MatterSim treats any periodic cell as periodic along all three axes. The structure
@@ -156,24 +173,15 @@ def test_mattersim_takes_slabs_wires_and_molecules(mattersim_run, build):
     along the open axes), in a vacuum cell and with open-axis vectors of 4 A (a molecule: as
     given, no cell, through its own calculator too). The 4 A cell made periodic everywhere is
     another graph."""
-    from ase.io import write
-
     atoms = build()
     closed = _in_vacuum(atoms)
     closed.pbc = True
     short = _short_open_vectors(atoms)
     everywhere = short.copy()
     everywhere.pbc = True
-    root = mattersim_run / build.__name__.strip("_")
-    root.mkdir()
-    write(root / "given.traj", [atoms, _in_vacuum(atoms), short, everywhere])
-    write(root / "closed.traj", [closed] + ([atoms] if not atoms.pbc.any() else []))
-    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", PERIODICITY, str(ROOT),
-                           str(mattersim_run / "small-mattersim.pth"), str(root / "given.traj"),
-                           str(root / "closed.traj"), str(root / "out.npz")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = np.load(root / "out.npz")
+    got = _run_periodicity(mattersim_run, build.__name__.strip("_"),
+                           [atoms, _in_vacuum(atoms), short, everywhere],
+                           [closed] + ([atoms] if not atoms.pbc.any() else []))
     n = len(atoms)
     for layer in ("bb1", "bb2", "ll"):
         theirs = got[f"reference/{layer}"]
@@ -190,19 +198,10 @@ def test_mattersim_takes_isolated_atoms_as_its_own_calculator(mattersim_run):
     """An atom with no neighbour within the cutoff, through MatterSim's own calculator: every
     layer of ours equals it, finite, for a single atom, an atom 15 A from a bonded pair in a
     periodic box and two atoms 12 A apart without a cell."""
-    from ase.io import write
     from test_periodicity import _isolated
 
     frames = _isolated()
-    root = mattersim_run / "isolated"
-    root.mkdir()
-    write(root / "given.traj", frames)
-    done = subprocess.run([str(MATTERSIM_PYTHON), "-c", PERIODICITY, str(ROOT),
-                           str(mattersim_run / "small-mattersim.pth"), str(root / "given.traj"),
-                           str(root / "given.traj"), str(root / "out.npz")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = np.load(root / "out.npz")
+    got = _run_periodicity(mattersim_run, "isolated", frames, frames)
     ends = np.cumsum([len(atoms) for atoms in frames])
     for layer in ("bb1", "bb2", "ll"):
         theirs = np.split(got[f"reference/{layer}"], ends[:-1])
