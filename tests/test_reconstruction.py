@@ -492,3 +492,55 @@ def test_running_qr_filled_in_place_equals_adding_the_rows_to_the_last_bit(chunk
         filled.add_filled(len(part), fill)
     assert filled.n == added.n == len(A)
     np.testing.assert_array_equal(filled.r(), added.r())
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_screened_cv_picks_the_alpha_of_scoring_every_alpha_to_the_last_bit(case):
+    """LFRE's local fits score only the alphas whose bounds (from the Gram expansion of the
+    residual) can hold the best one: the chosen alpha and its score must be those of
+    scoring every alpha, bit for bit, also where the expansion cancels (a target that is an
+    exact linear map of the source, plus one with noise at 1e-9), with ties between alphas
+    that keep the same components, and with constant and duplicated columns."""
+    _, X, Y = case
+    rng = np.random.default_rng(3)
+    Xs = (X - X.mean(0)) / np.sqrt(X.var(0).sum())
+    targets = [Y, Xs @ rng.standard_normal((X.shape[1], 7)),
+               Xs[:, ::-1] + 1e-9 * rng.standard_normal(Xs.shape)]
+    k = min(X.shape[1], 16)
+    fold1, fold2 = lr._two_folds(k, SEED, True)
+    idx = np.stack([rng.choice(len(X), k, replace=False) for _ in range(40)])  # (B, k)
+    LX = Xs[idx] - Xs[idx].mean(axis=1)[:, None]
+    R1x, R2x = LX[:, fold1], LX[:, fold2]
+    cv = lr._CutoffCV.of(R1x, R2x, np.concatenate([R1x, R2x], axis=1), len(fold1),
+                         len(fold2), max(k, X.shape[1]) * np.finfo(float).eps, lr.DEFAULT_ALPHAS)
+    screened_any = False
+    for T in targets:
+        LY = T[idx] - T[idx].mean(axis=1)[:, None]
+        R1y, R2y = LY[:, fold1], LY[:, fold2]
+        every, best = cv._select(R1y, R2y)
+        some, best_screened = cv._select(R1y, R2y, screened=True)
+        np.testing.assert_array_equal(best_screened, best)
+        rows = np.arange(len(best))
+        np.testing.assert_array_equal(some[rows, best], every[rows, best])
+        scored = np.isfinite(some)
+        np.testing.assert_array_equal(some[scored], every[scored])
+        screened_any |= bool((~scored).any())
+    assert screened_any  # the screening ruled some alphas out: the test can see a wrong bound
+
+
+def test_one_source_global_errors_equal_one_target_at_a_time_to_the_last_bit():
+    """GFRE and GFRD of one source against several targets (one scaling of the source, one
+    fit per target for both measures) equal the one-target functions bit for bit."""
+    _, X, B = CASES[2]
+    targets = [B, CASES[4][2], X, np.hstack([X, B])]
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(len(X))
+    kw = dict(train_idx=perm[:170], test_idx=perm[170:])
+    got = lr.pointwise_global_reconstruction_errors(X, targets, **kw)
+    for Y, errors in zip(targets, got):
+        np.testing.assert_array_equal(errors["gfre"],
+                                      lr.pointwise_global_reconstruction_error(X, Y, **kw))
+        np.testing.assert_array_equal(errors["gfrd"],
+                                      lr.pointwise_global_reconstruction_distortion(X, Y, **kw))
+    only = lr.pointwise_global_reconstruction_errors(X, targets[:1], metrics=("gfrd",), **kw)
+    assert list(only[0]) == ["gfrd"]

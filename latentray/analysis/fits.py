@@ -29,8 +29,7 @@ import numpy as np
 from ..method.cumulants import MAX_ORDER
 from ..method.reconstruction import (
     _r_factor,
-    pointwise_global_reconstruction_distortion,
-    pointwise_global_reconstruction_error,
+    pointwise_global_reconstruction_errors,
     pointwise_local_reconstruction_errors,
 )
 from ..method.splits import SplitError, paper_split, structure_n_test
@@ -77,7 +76,8 @@ def fit_in_memory(X: np.ndarray, view_x: tuple, train: np.ndarray, test: np.ndar
     ``targets``: ``(view_y, metrics)`` per matrix in ``Ys``. A view ``(rows, n_columns,
     weights)`` selects a side's rows (the structures both models processed), leading columns
     (a cumulant order) and row weights (atom counts, for sum pooling) inside the task, so that
-    the driver ships each model's matrix once. GFRE, GFRD and CKA are fitted per target;
+    the driver ships each model's matrix once. GFRE and GFRD come from one fit per target
+    (the source scaled once), CKA per target;
     LFRE (the paper's ``n_local_points = min(dim X, dim Y)``, capped by the number of training
     rows on small data) shares the source's neighbour search and local factorizations between
     the targets (:func:`pointwise_local_reconstruction_errors`: the same numbers as one target
@@ -92,13 +92,17 @@ def fit_in_memory(X: np.ndarray, view_x: tuple, train: np.ndarray, test: np.ndar
     # one BLAS thread per task: the task holds one CPU, and on small VMs a second BLAS
     # thread made LAPACK calls ~100x slower (measured: a 256x256 SVD, 12 ms vs 1.3 s)
     with threadpool_limits(limits=1, user_api="blas"):
+        global_metrics: dict[tuple, list[int]] = {}  # the targets that want each set
+        for t, (_, metrics) in enumerate(targets):
+            wanted = tuple(m for m in ("gfre", "gfrd") if m in metrics)
+            if wanted:
+                global_metrics.setdefault(wanted, []).append(t)
+        for wanted, ts in global_metrics.items():
+            errors = pointwise_global_reconstruction_errors(
+                X, [Ys[t] for t in ts], test_idx=test, train_idx=train, metrics=wanted)
+            for t, e in zip(ts, errors):
+                pointwise[t].update(e)
         for t, (Y, (_, metrics)) in enumerate(zip(Ys, targets)):
-            if "gfre" in metrics:
-                pointwise[t]["gfre"] = pointwise_global_reconstruction_error(
-                    X, Y, test_idx=test, train_idx=train)
-            if "gfrd" in metrics:
-                pointwise[t]["gfrd"] = pointwise_global_reconstruction_distortion(
-                    X, Y, test_idx=test, train_idx=train)
             if "cka" in metrics:
                 values[t]["cka"] = in_memory_cka(X[train], Y[train])
         local = [t for t, (_, metrics) in enumerate(targets) if "lfre" in metrics]

@@ -81,6 +81,7 @@ __all__ = [
     "merge_r_factors",
     "pointwise_global_reconstruction_distortion",
     "pointwise_global_reconstruction_error",
+    "pointwise_global_reconstruction_errors",
     "pointwise_local_reconstruction_error",
     "pointwise_local_reconstruction_errors",
 ]
@@ -324,8 +325,10 @@ class _FoldSVD:
     def coefficients(self, Ry: np.ndarray) -> np.ndarray:
         """``D = U^T R_y / s`` (zero where s == 0): ``W(k) = V_k D_k`` for any ``k``."""
         UtY = np.swapaxes(self.U, -1, -2) @ Ry
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.s[..., None] > 0, UtY / self.s[..., None], 0.0)
+        s = self.s[..., None]
+        np.divide(UtY, s, out=UtY, where=s > 0)
+        np.copyto(UtY, 0.0, where=s <= 0)
+        return UtY
 
     def weights(self, D: np.ndarray, n_kept: np.ndarray) -> np.ndarray:
         """``W = V_k D_k`` with the first ``n_kept[b]`` components, (B, dx, dy)."""
@@ -376,17 +379,19 @@ class _CutoffCV:
 
     @staticmethod
     def _scores(C: np.ndarray, D: np.ndarray, Ry_other: np.ndarray, n_kept: np.ndarray,
-                n_rows_other: int) -> np.ndarray:
-        """Negative mean per-column RMSE on the other fold, for every alpha: (B, n_alphas).
+                n_rows_other: int, wanted: np.ndarray | None = None) -> np.ndarray:
+        """Negative mean per-column RMSE on the other fold, for every alpha (or only where
+        ``wanted``; ``-inf`` elsewhere): (B, n_alphas).
 
         Once per problem and number of components ``j`` that some alpha keeps (alphas that
         keep the same components score the same, exactly), over those components only:
-        ``R_y,g - C_g[:, :j] D[:j]``.
+        ``R_y,g - C_g[:, :j] D[:j]``. A problem's value does not depend on which other
+        problems are computed with it.
         """
-        scores = np.empty(n_kept.shape)
+        scores = np.full(n_kept.shape, -np.inf)
         score = np.empty(len(n_kept))
-        for j in np.unique(n_kept).tolist():
-            hit = n_kept == j  # (B, A)
+        for j in np.unique(n_kept if wanted is None else n_kept[wanted]).tolist():
+            hit = n_kept == j if wanted is None else (n_kept == j) & wanted  # (B, A)
             rows = np.flatnonzero(hit.any(axis=1))
             resid = Ry_other[rows] - C[rows, :, :j] @ D[rows, :j]
             rmse = np.sqrt(np.einsum("brd,brd->bd", resid, resid) / n_rows_other)  # (b, dy)
@@ -394,11 +399,65 @@ class _CutoffCV:
             scores[hit] = score[np.nonzero(hit)[0]]
         return scores
 
-    def _select(self, R1y: np.ndarray, R2y: np.ndarray):
-        """The CV scores ``(B, n_alphas)`` and the best alpha's index (the first maximum)."""
-        score = (self._scores(self.C12, self.f1.coefficients(R1y), R2y, self.kept1, self.n2)
-                 + self._scores(self.C21, self.f2.coefficients(R2y), R1y, self.kept2, self.n1)
-                 ) / 2
+    @staticmethod
+    def _score_bounds(C: np.ndarray, gram: tuple, D: np.ndarray, Ry_other: np.ndarray,
+                      n_kept: np.ndarray, n_rows_other: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds ``(lo, hi)``, (B, n_alphas), that hold :meth:`_scores`' values, for every
+        number of components at the cost of about two of them.
+
+        Column ``c``'s squared residual with ``j`` components, expanded with ``G = C^T C``
+        and ``P = C^T R_y,g``: ``e_j = |r_c|^2 + sum_{l<j} D_lc (2 sum_{l'<l} G_ll' D_l'c +
+        G_ll D_lc - 2 P_lc)``: one product with the 0/1 matrix of the components each alpha
+        keeps. It cancels where the residual is small, so it only brackets ``e_j``: its
+        rounding error and that of :meth:`_scores` are below ``delta = 16 (r + m + 2) eps
+        (|r_c| + sum_{l<j} |C_l| |D_lc|)^2`` (every term is bounded by that square, every sum
+        has at most ``r + m`` terms). ``gram``: :meth:`_gram` of ``C``.
+        """
+        lower, diag, norms = gram
+        B, m, dy = D.shape
+        increments = lower @ D
+        increments -= np.swapaxes(C, -1, -2) @ Ry_other  # sum_l' G_ll' D_l' - P_l
+        increments *= 2
+        increments += diag[..., None] * D
+        increments *= D
+        keeps = (n_kept[..., None] > np.arange(m)).astype(np.float64)  # (B, A, m)
+        norm2 = np.einsum("brd,brd->bd", Ry_other, Ry_other)[:, None, :]  # (B, 1, dy)
+        e = norm2 + keeps @ increments  # (B, A, dy)
+        reach = np.abs(D)
+        reach *= norms[..., None]
+        bound = np.sqrt(norm2) + keeps @ reach
+        delta = 16 * (C.shape[-2] + m + 2) * _EPS * bound ** 2
+        lo = -np.sqrt((e + delta) / n_rows_other).mean(axis=-1)
+        hi = -np.sqrt(np.maximum(e - delta, 0) / n_rows_other).mean(axis=-1)
+        slack = 1e-13 * (np.abs(lo) + np.abs(hi))  # the mean's and the square root's rounding
+        return lo - slack, hi + slack
+
+    @staticmethod
+    def _gram(C: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``G = C^T C`` as its strictly lower triangle, its diagonal and the column norms."""
+        G = np.swapaxes(C, -1, -2) @ C
+        diag = np.diagonal(G, axis1=-2, axis2=-1).copy()
+        return np.tril(G, -1), diag, np.sqrt(diag)
+
+    def _select(self, R1y: np.ndarray, R2y: np.ndarray, screened: bool = False):
+        """The CV scores ``(B, n_alphas)`` and the best alpha's index (the first maximum).
+
+        ``screened``: only the alphas that :meth:`_score_bounds` cannot rule out are scored
+        (the others get ``-inf``); the best alpha and its score are the same to the last bit.
+        """
+        D1, D2 = self.f1.coefficients(R1y), self.f2.coefficients(R2y)
+        wanted = None
+        if screened:
+            if getattr(self, "_grams", None) is None:  # source side: once for every target
+                self._grams = self._gram(self.C12), self._gram(self.C21)
+            lo12, hi12 = self._score_bounds(self.C12, self._grams[0], D1, R2y, self.kept1,
+                                            self.n2)
+            lo21, hi21 = self._score_bounds(self.C21, self._grams[1], D2, R1y, self.kept2,
+                                            self.n1)
+            lo, hi = (lo12 + lo21) / 2, (hi12 + hi21) / 2
+            wanted = hi >= lo.max(axis=1, keepdims=True)
+        score = (self._scores(self.C12, D1, R2y, self.kept1, self.n2, wanted)
+                 + self._scores(self.C21, D2, R1y, self.kept2, self.n1, wanted)) / 2
         return score, np.argmax(score, axis=1)  # first maximum, as numpy/skmatter
 
     def fit(self, R1y: np.ndarray, R2y: np.ndarray, Ry: np.ndarray):
@@ -412,7 +471,7 @@ class _CutoffCV:
         """``q_b W_b`` for one query row ``q_b`` (``query``: (B, dx)) per problem, without
         forming ``W``: ``q V_k S_k^-1 U_k^T R_y`` as two vector products (``q V / s`` is the
         source's, computed once per query)."""
-        _, best = self._select(R1y, R2y)
+        _, best = self._select(R1y, R2y, screened=True)
         full = self.full
         if getattr(self, "_query", None) is not query:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -506,7 +565,7 @@ def pointwise_global_reconstruction_error(X, Y, train_idx=None, test_idx=None, s
     """
     X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
     if estimator is None:
-        pred = X_test @ _default_fit(X_train, Y_train).W
+        return _global_default(X_train, X_test, Y_train, Y_test, ("gfre",))["gfre"]
     else:
         estimator.fit(X_train, Y_train)
         pred = estimator.predict(X_test)
@@ -532,6 +591,28 @@ def _padded_procrustes(M: np.ndarray, n_x: int, n_y: int) -> np.ndarray:
     return U @ Vt
 
 
+def _procrustes_distortion(X_test: np.ndarray, pred_test: np.ndarray, M: np.ndarray):
+    """``||pad(x_i W) - pad(x_i) Q||`` per test row, ``Q`` the padded Procrustes of ``M``."""
+    n_x, n_y = X_test.shape[1], pred_test.shape[1]
+    Q = _padded_procrustes(M, n_x, n_y)
+    diff = -(X_test @ Q[:n_x])  # pad(x_i) Q, m columns
+    diff[:, :n_y] += pred_test
+    return np.linalg.norm(diff, axis=1)
+
+
+def _global_default(X_train, X_test, Y_train, Y_test, metrics) -> dict[str, np.ndarray]:
+    """Pointwise GFRE and/or GFRD of scaled float64 matrices, from one default fit."""
+    fit = _default_fit(X_train, Y_train)
+    pred_test = X_test @ fit.W
+    out = {}
+    if "gfre" in metrics:
+        out["gfre"] = np.linalg.norm(Y_test - pred_test, axis=1)
+    if "gfrd" in metrics:
+        Rx = fit.R[:, :fit.n_x]
+        out["gfrd"] = _procrustes_distortion(X_test, pred_test, Rx.T @ (Rx @ fit.W))
+    return out
+
+
 def pointwise_global_reconstruction_distortion(X, Y, test_idx=None, train_idx=None, scaler=None,
                                                estimator=None):
     r"""Per test row ``||pad(x_i W) - pad(x_i) Q||``, ``Q`` orthogonal (Procrustes).
@@ -542,27 +623,35 @@ def pointwise_global_reconstruction_distortion(X, Y, test_idx=None, train_idx=No
     ``dy >= dx`` is reproduced; for ``dy < dx`` this equals skmatter on ``Y`` padded with zero
     columns to width ``dx``; for ``dy == 1 < dx`` skmatter silently broadcasts and differs).
     """
-    X_train, X_test, Y_train, _ = _prepare(X, Y, train_idx, test_idx, scaler)
-    n_x = X_train.shape[1]
+    X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
     if estimator is None:
-        fit = _default_fit(X_train, Y_train)
-        pred_test = X_test @ fit.W
-        Rx = fit.R[:, :n_x]
-        M = Rx.T @ (Rx @ fit.W)  # = X_train^T (X_train W)
-    else:
-        estimator.fit(X_train, Y_train)
-        pred_test = np.asarray(estimator.predict(X_test), dtype=np.float64).reshape(
-            len(X_test), -1
-        )
-        pred_train = np.asarray(estimator.predict(X_train), dtype=np.float64).reshape(
-            len(X_train), -1
-        )
-        M = X_train.T @ pred_train
-    n_y = pred_test.shape[1]
-    Q = _padded_procrustes(M, n_x, n_y)
-    diff = -(X_test @ Q[:n_x])  # pad(x_i) Q, m columns
-    diff[:, :n_y] += pred_test
-    return np.linalg.norm(diff, axis=1)
+        return _global_default(X_train, X_test, Y_train, Y_test, ("gfrd",))["gfrd"]
+    estimator.fit(X_train, Y_train)
+    pred_test = np.asarray(estimator.predict(X_test), dtype=np.float64).reshape(len(X_test), -1)
+    pred_train = np.asarray(estimator.predict(X_train), dtype=np.float64).reshape(
+        len(X_train), -1)
+    return _procrustes_distortion(X_test, pred_test, X_train.T @ pred_train)
+
+
+def pointwise_global_reconstruction_errors(X, Ys, test_idx=None, train_idx=None,
+                                           metrics=("gfre", "gfrd")) -> list[dict]:
+    r"""Pointwise GFRE and GFRD (those in ``metrics``) of one source ``X`` against every
+    target in ``Ys`` (same rows, same split; the default scaler and fit): ``X`` is checked
+    and scaled once, and each target's one fit serves both measures. Each value equals
+    :func:`pointwise_global_reconstruction_error`'s and
+    :func:`pointwise_global_reconstruction_distortion`'s on the same split, to the last bit.
+    """
+    X = _as_matrix(X, "X")
+    train_idx, test_idx = _resolve_indices(X.shape[0], train_idx, test_idx)
+    X_train, X_test = _flexible_scale(_finite_float64(X[train_idx], "X"),
+                                      _finite_float64(X[test_idx], "X"), "X")
+    out = []
+    for Y in Ys:
+        _, Y = _check_pair(X, Y)
+        Y_train, Y_test = _flexible_scale(_finite_float64(Y[train_idx], "Y"),
+                                          _finite_float64(Y[test_idx], "Y"), "Y")
+        out.append(_global_default(X_train, X_test, Y_train, Y_test, metrics))
+    return out
 
 
 def global_reconstruction_distortion(X, Y, test_idx=None, train_idx=None, scaler=None,
@@ -645,27 +734,29 @@ def _local_errors_default(X_train, X_test, targets, neighbours, n_jobs=None) -> 
     def run(k: int, ts: list[int], start: int, batch: int) -> None:
         stop = min(start + batch, n_test)
         fold1, fold2 = _two_folds(k, DEFAULT_RANDOM_STATE, True)  # same for every test row
+        folds, n1 = np.concatenate([fold1, fold2]), len(fold1)
         rcond = max(k, n_x) * _EPS
         idx = neighbours[start:stop, :k]  # (B, k)
         LX = X_train[idx]
         x_mean = LX.mean(axis=1)
-        LXc = LX - x_mean[:, None]
         xc = X_test[start:stop] - x_mean  # (B, dx)
         shared = k <= n_x
-        if shared:
-            R1x, R2x = LXc[:, fold1], LXc[:, fold2]
-            cv = _CutoffCV.of(R1x, R2x, np.concatenate([R1x, R2x], axis=1), len(fold1),
-                              len(fold2), rcond, DEFAULT_ALPHAS)
+        if shared:  # the centred neighbourhood, rows in fold order: fold 1, then fold 2
+            Rx = LX[:, folds]
+            Rx -= x_mean[:, None]
+            cv = _CutoffCV.of(Rx[:, :n1], Rx[:, n1:], Rx, n1, k - n1, rcond, DEFAULT_ALPHAS)
+        else:
+            LXc = LX - x_mean[:, None]
         for t in ts:
             Y_train, Y_test, _ = targets[t]
             LY = Y_train[idx]
             y_mean = LY.mean(axis=1)
-            LYc = LY - y_mean[:, None]
             if shared:
-                R1y, R2y = LYc[:, fold1], LYc[:, fold2]
-                pred = y_mean + cv.predict(R1y, R2y, np.concatenate([R1y, R2y], axis=1), xc)
+                Ry = LY[:, folds]
+                Ry -= y_mean[:, None]
+                pred = y_mean + cv.predict(Ry[:, :n1], Ry[:, n1:], Ry, xc)
             else:
-                A = np.concatenate([LXc, LYc], axis=2)
+                A = np.concatenate([LXc, LY - y_mean[:, None]], axis=2)
                 W, _, _, _ = _cutoff_cv_from_r(
                     _r_factor(A[:, fold1]), _r_factor(A[:, fold2]), len(fold1), len(fold2),
                     n_x, rcond, DEFAULT_ALPHAS)
