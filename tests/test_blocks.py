@@ -41,4 +41,5 @@ def test_sides_written_out_of_order_or_with_other_structures_align(tmp_path):
     sides = ModelSides(str(tmp_path), "d", [("a", "bb"), ("b", "bb")], [0], [4, 3]).read(0, 0)
     np.testing.assert_allclose(sides.X[0], X.astype(np.float32))
     np.testing.assert_allclose(sides.X[1][keep], Y[keep].astype(np.float32))
+    assert not sides.X[1][~keep].any()  # zeros where b has no row
     np.testing.assert_array_equal(sides.present, np.stack([np.ones(len(X), bool), keep], 1))

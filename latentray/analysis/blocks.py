@@ -200,13 +200,18 @@ class ModelSides:
         n = rows.num_rows
         ids = self._readers[0]._ids(i, rows)
         X = []
-        for (t, _), w, width in zip(tables, where, self.widths):
+        for m, w in enumerate(where):  # one side at a time, its table dropped once copied
+            (t, _), tables[m] = tables[m], None
             part = features_matrix(t["features"], int(t.schema.metadata[b"latentray.width"]))
             if self.sum_pooling:
                 part = part * t["n_atoms"].to_numpy().astype(np.float64)[:, None]
-            full = np.zeros((n, width), part.dtype)  # as stored: float32 latents, float64 cumulants
-            full[w] = part
+            if len(w) == n:  # the side has every row: its features as read, no copy
+                X.append(part)
+                continue
+            full = np.zeros((n, self.widths[m]), part.dtype)  # as stored: float32 latents,
+            full[w] = part                                    # float64 cumulants
             X.append(full)
+            del t, part
         groups = {"subset": ids["stratum"] if self.stratify else self._readers[0]._subset(i, rows)}
         if self.kind == "latents":
             groups["Z"] = rows["Z"].to_numpy()
