@@ -994,9 +994,23 @@ def _gathered(executor, handles: list, wanted: np.ndarray) -> list[np.ndarray]:
     return features
 
 
+class _ScaledRows:
+    """``(F[rows] - mean) / scale`` in float64, formed only for the rows indexed (``[idx]``,
+    any shape of ``idx``): the same numbers, element for element, as indexing the scaled
+    matrix, without holding it (a target's gathered neighbour rows, as stored)."""
+
+    def __init__(self, F: np.ndarray, rows: np.ndarray, mean: np.ndarray, scale: float):
+        self._F, self._rows, self._mean, self._scale = F, rows, mean, scale
+        self.shape = (len(rows), F.shape[1])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return (np.asarray(self._F[self._rows[idx]], dtype=np.float64) - self._mean) / self._scale
+
+
 def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, tests: slice):
     """LFRE pointwise errors of the test rows ``tests`` of one group of pairs (one source,
-    its targets ``members``), from the gathered features at the ``wanted`` rows."""
+    its targets ``members``), from the gathered features at the ``wanted`` rows (each
+    target's rows scaled as the local fits read them)."""
     rows = np.unique(neighbour_rows)
     at_rows = np.searchsorted(wanted, rows)
     neighbours = np.searchsorted(rows, neighbour_rows)
@@ -1006,8 +1020,8 @@ def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, 
     targets = []
     for pair in members:
         f, dy = fitted[pair], widths[pair[1]]
-        Gy = (np.asarray(features[pair[1]][at_rows], dtype=np.float64) - f.mean[dx:]) / f.sy
-        targets.append((Gy, f.y_test[tests], min(dx, dy, neighbours.shape[1])))
+        targets.append((_ScaledRows(features[pair[1]], at_rows, f.mean[dx:], f.sy),
+                        f.y_test[tests], min(dx, dy, neighbours.shape[1])))
     return _local_errors_default(Gx, first.x_test[tests], targets, neighbours)
 
 
