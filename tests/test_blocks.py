@@ -42,4 +42,14 @@ def test_sides_written_out_of_order_or_with_other_structures_align(tmp_path):
     np.testing.assert_allclose(sides.X[0], X.astype(np.float32))
     np.testing.assert_allclose(sides.X[1][keep], Y[keep].astype(np.float32))
     assert not sides.X[1][~keep].any()  # zeros where b has no row
+    # the LFRE gather's rows, one side's file in memory at a time: those of read()
+    source = ModelSides(str(tmp_path), "d", [("a", "bb"), ("b", "bb")], [0], [4, 3])
+    wanted = np.array([7, 9, 10, 14, 15, 16, 30])  # offset 5: rows 5..19; b lacks 9..12
+    rows, parts = source.take(0, 5, wanted)
+    block = source.read(0, 5)
+    chosen = np.isin(block.row, wanted)
+    np.testing.assert_array_equal(rows, block.row[chosen])
+    assert len(rows) == 6 and not keep[rows - 5].all()
+    for part, X in zip(parts, block.X):
+        np.testing.assert_array_equal(part, X[chosen])
     np.testing.assert_array_equal(sides.present, np.stack([np.ones(len(X), bool), keep], 1))

@@ -202,9 +202,7 @@ class ModelSides:
         X = []
         for m, w in enumerate(where):  # one side at a time, its table dropped once copied
             (t, _), tables[m] = tables[m], None
-            part = features_matrix(t["features"], int(t.schema.metadata[b"latentray.width"]))
-            if self.sum_pooling:
-                part = part * t["n_atoms"].to_numpy().astype(np.float64)[:, None]
+            part = self._features(t)
             if len(w) == n:  # the side has every row: its features as read, no copy
                 X.append(part)
                 continue
@@ -217,3 +215,36 @@ class ModelSides:
             groups["Z"] = rows["Z"].to_numpy()
         return SidesBlock(X=X, present=self._present(n, where), row=offset + np.arange(n),
                           ids=ids, groups=groups)
+
+    def _features(self, table: pa.Table) -> np.ndarray:
+        """A side's features as stored (float32 latents, float64 cumulants; summed: times
+        the structure's atom count)."""
+        part = features_matrix(table["features"],
+                               int(table.schema.metadata[b"latentray.width"]))
+        if self.sum_pooling:
+            part = part * table["n_atoms"].to_numpy().astype(np.float64)[:, None]
+        return part
+
+    def take(self, i: int, offset: int, wanted: np.ndarray) -> tuple[np.ndarray, list]:
+        """The rows of block ``i`` whose numbers are in ``wanted`` (sorted): their numbers and
+        every side's features there (zeros where a side has no row), as :meth:`read` would
+        give them, with one side's table in memory at a time (the union of the rows from the
+        sides' id columns first)."""
+        ids, rows, where = self._union(i, features=False)
+        keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
+        keep = np.flatnonzero(np.isin(offset + np.arange(rows.num_rows), wanted))
+        out = []
+        for m, (reader, w) in enumerate(zip(self._readers, where)):
+            table, path = reader._read(0, i, reader._columns(True))
+            table = _in_order(table, keys)
+            if not np.array_equal(_row_codes(table, keys), _row_codes(ids[m][0], keys)):
+                raise RuntimeError(f"{path}: its rows changed between two reads")
+            at = np.searchsorted(w, keep)
+            has = at < len(w)
+            has[has] = w[at[has]] == keep[has]
+            part = self._features(table)
+            full = np.zeros((len(keep), self.widths[m]), part.dtype)
+            full[has] = part[at[has]]
+            out.append(full)
+            del table, part
+        return offset + keep, out

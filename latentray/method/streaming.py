@@ -567,9 +567,7 @@ def _merge_neighbour_lists(*parts):
 
 def _block_gather_joint(source, i, offset, wanted: np.ndarray):
     """The wanted rows of this block: their numbers and every side's features, as stored."""
-    block = source.read(i, offset)
-    take = np.isin(block.row, wanted)
-    return block.row[take], [X[take] for X in block.X]
+    return source.take(i, offset, wanted)
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
@@ -757,7 +755,8 @@ class SidesBlock:
 
 class SidesSource(Protocol):
     """Rows of ``M`` sides in blocks: ``widths`` (per side), ``ids(i)`` (as a
-    :class:`BlockSource`'s, plus ``present``) and ``read(i, offset)`` (a :class:`SidesBlock`)."""
+    :class:`BlockSource`'s, plus ``present``), ``read(i, offset)`` (a :class:`SidesBlock`)
+    and ``take(i, offset, wanted)`` (some of its rows, for the LFRE gather)."""
 
     n_blocks: int
     widths: list[int]
@@ -765,6 +764,10 @@ class SidesSource(Protocol):
     def ids(self, i: int) -> dict[str, np.ndarray]: ...
 
     def read(self, i: int, offset: int) -> SidesBlock: ...
+
+    def take(self, i: int, offset: int, wanted: np.ndarray) -> tuple[np.ndarray, list]:
+        """The rows of ``read(i, offset)`` whose numbers are in ``wanted``: their numbers and
+        every side's features there."""
 
 
 class ArraySides(_ArrayRows):
@@ -788,6 +791,11 @@ class ArraySides(_ArrayRows):
         return SidesBlock(X=[X[s] for X in self.Xs], present=self.present[s],
                           row=offset + np.arange(s.stop - s.start), ids=self.ids(i),
                           groups=self._groups(s))
+
+    def take(self, i: int, offset: int, wanted: np.ndarray) -> tuple[np.ndarray, list]:
+        block = self.read(i, offset)
+        rows = np.isin(block.row, wanted)
+        return block.row[rows], [X[rows] for X in block.X]
 
     def pair(self, a: int, b: int, block_rows: int | None = None) -> ArraySource:
         """The rows sides ``a`` and ``b`` share, as the one-pair source (for comparisons)."""
