@@ -196,55 +196,49 @@ class ModelSides:
         return ids
 
     def read(self, i: int, offset: int) -> SidesBlock:
-        tables, rows, where = self._union(i, features=True)
+        ids_tables, rows, where = self._union(i, features=False)
         n = rows.num_rows
         ids = self._readers[0]._ids(i, rows)
-        X = []
-        for m, w in enumerate(where):  # one side at a time, its table dropped once copied
-            (t, _), tables[m] = tables[m], None
-            part = self._features(t)
-            if len(w) == n:  # the side has every row: its features as read, no copy
-                X.append(part)
-                continue
-            full = np.zeros((n, self.widths[m]), part.dtype)  # as stored: float32 latents,
-            full[w] = part                                    # float64 cumulants
-            X.append(full)
-            del t, part
+        X = self._features_at(i, ids_tables, where, np.arange(n))
         groups = {"subset": ids["stratum"] if self.stratify else self._readers[0]._subset(i, rows)}
         if self.kind == "latents":
             groups["Z"] = rows["Z"].to_numpy()
         return SidesBlock(X=X, present=self._present(n, where), row=offset + np.arange(n),
                           ids=ids, groups=groups)
 
-    def _features(self, table: pa.Table) -> np.ndarray:
-        """A side's features as stored (float32 latents, float64 cumulants; summed: times
-        the structure's atom count)."""
-        part = features_matrix(table["features"],
-                               int(table.schema.metadata[b"latentray.width"]))
-        if self.sum_pooling:
-            part = part * table["n_atoms"].to_numpy().astype(np.float64)[:, None]
-        return part
-
     def take(self, i: int, offset: int, wanted: np.ndarray) -> tuple[np.ndarray, list]:
         """The rows of block ``i`` whose numbers are in ``wanted`` (sorted): their numbers and
-        every side's features there (zeros where a side has no row), as :meth:`read` would
-        give them, with one side's table in memory at a time (the union of the rows from the
-        sides' id columns first)."""
-        ids, rows, where = self._union(i, features=False)
-        keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
+        every side's features there, as :meth:`read` gives them."""
+        ids_tables, rows, where = self._union(i, features=False)
         keep = np.flatnonzero(np.isin(offset + np.arange(rows.num_rows), wanted))
+        return offset + keep, self._features_at(i, ids_tables, where, keep)
+
+    def _features_at(self, i: int, ids_tables: list, where: list, keep: np.ndarray) -> list:
+        """Every side's features at the union's rows ``keep`` (zeros where the side has no
+        row), as stored (float32 latents, float64 cumulants; summed: times the structure's
+        atom count). One side's file is in memory at a time: its rows are copied out, then
+        its table is dropped and the Arrow pool's freed memory returned to the system (Arrow's
+        allocator keeps it otherwise, and a shard of 8 models' latents is 0.8 GB)."""
+        keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
         out = []
         for m, (reader, w) in enumerate(zip(self._readers, where)):
             table, path = reader._read(0, i, reader._columns(True))
             table = _in_order(table, keys)
-            if not np.array_equal(_row_codes(table, keys), _row_codes(ids[m][0], keys)):
+            if not np.array_equal(_row_codes(table, keys), _row_codes(ids_tables[m][0], keys)):
                 raise RuntimeError(f"{path}: its rows changed between two reads")
-            at = np.searchsorted(w, keep)
-            has = at < len(w)
-            has[has] = w[at[has]] == keep[has]
-            part = self._features(table)
-            full = np.zeros((len(keep), self.widths[m]), part.dtype)
-            full[has] = part[at[has]]
+            part = features_matrix(table["features"],
+                                   int(table.schema.metadata[b"latentray.width"]))
+            if self.sum_pooling:
+                part = part * table["n_atoms"].to_numpy().astype(np.float64)[:, None]
+            if len(w) == len(keep) and np.array_equal(w, keep):  # every row, all taken
+                full = np.array(part, copy=True)
+            else:
+                at = np.searchsorted(w, keep)
+                has = at < len(w)
+                has[has] = w[at[has]] == keep[has]
+                full = np.zeros((len(keep), self.widths[m]), part.dtype)
+                full[has] = part[at[has]]
             out.append(full)
             del table, part
-        return offset + keep, out
+            pa.default_memory_pool().release_unused()
+        return out
