@@ -163,10 +163,10 @@ class ModelSides:
                                     (self.order, self.order), self.sum_pooling, self.stratify)
                          for side in self.sides]
 
-    def _union(self, i: int, features: bool):
-        """Every side's table of block ``i``, and the union of their rows in dataset order
-        with, per side, where its rows lie in the union."""
-        tables = [reader._read(0, i, reader._columns(features)) for reader in self._readers]
+    def _union(self, i: int):
+        """Every side's id columns of block ``i``, and the union of their rows in dataset
+        order with, per side, where its rows lie in the union."""
+        tables = [reader._read(0, i, reader._columns(False)) for reader in self._readers]
         keys = ["structure_index"] + (["atom_index"] if self.kind == "latents" else [])
         tables = [(_in_order(t, keys), path) for t, path in tables]
         codes = [_row_codes(t, keys) for t, _ in tables]
@@ -190,13 +190,13 @@ class ModelSides:
         return present
 
     def ids(self, i: int) -> dict[str, np.ndarray]:
-        _, rows, where = self._union(i, features=False)
+        _, rows, where = self._union(i)
         ids = self._readers[0]._ids(i, rows)
         ids["present"] = self._present(rows.num_rows, where)
         return ids
 
     def read(self, i: int, offset: int) -> SidesBlock:
-        ids_tables, rows, where = self._union(i, features=False)
+        ids_tables, rows, where = self._union(i)
         n = rows.num_rows
         ids = self._readers[0]._ids(i, rows)
         X = self._features_at(i, ids_tables, where, np.arange(n))
@@ -209,7 +209,7 @@ class ModelSides:
     def take(self, i: int, offset: int, wanted: np.ndarray) -> tuple[np.ndarray, list]:
         """The rows of block ``i`` whose numbers are in ``wanted`` (sorted): their numbers and
         every side's features there, as :meth:`read` gives them."""
-        ids_tables, rows, where = self._union(i, features=False)
+        ids_tables, rows, where = self._union(i)
         keep = np.flatnonzero(np.isin(offset + np.arange(rows.num_rows), wanted))
         return offset + keep, self._features_at(i, ids_tables, where, keep)
 
