@@ -358,6 +358,7 @@ class _CutoffCV:
         self.C12, self.C21 = C12, C21
         self.kept1, self.kept2, self.kept = kept1, kept2, kept
         self.n1, self.n2, self.alphas = n1, n2, alphas
+        self._grams = None  # the source side of the score brackets, made when first needed
 
     @classmethod
     def of(cls, R1x: np.ndarray, R2x: np.ndarray, Rx: np.ndarray, n1: int, n2: int,
@@ -448,7 +449,7 @@ class _CutoffCV:
         D1, D2 = self.f1.coefficients(R1y), self.f2.coefficients(R2y)
         wanted = None
         if screened:
-            if getattr(self, "_grams", None) is None:  # source side: once for every target
+            if self._grams is None:  # source side: once for every target
                 self._grams = self._gram(self.C12), self._gram(self.C21)
             lo12, hi12 = self._score_bounds(self.C12, self._grams[0], D1, R2y, self.kept1,
                                             self.n2)
@@ -566,10 +567,8 @@ def pointwise_global_reconstruction_error(X, Y, train_idx=None, test_idx=None, s
     X_train, X_test, Y_train, Y_test = _prepare(X, Y, train_idx, test_idx, scaler)
     if estimator is None:
         return _global_default(X_train, X_test, Y_train, Y_test, ("gfre",))["gfre"]
-    else:
-        estimator.fit(X_train, Y_train)
-        pred = estimator.predict(X_test)
-    return np.linalg.norm(Y_test - pred, axis=1)
+    estimator.fit(X_train, Y_train)
+    return np.linalg.norm(Y_test - estimator.predict(X_test), axis=1)
 
 
 def global_reconstruction_error(X, Y, test_idx=None, train_idx=None, scaler=None,
@@ -641,17 +640,25 @@ def pointwise_global_reconstruction_errors(X, Ys, test_idx=None, train_idx=None,
     :func:`pointwise_global_reconstruction_error`'s and
     :func:`pointwise_global_reconstruction_distortion`'s on the same split, to the last bit.
     """
-    X = _as_matrix(X, "X")
+    X_train, X_test, scaled = _scaled_source_and_targets(_as_matrix(X, "X"), Ys, train_idx,
+                                                         test_idx)
+    return [_global_default(X_train, X_test, Y_train, Y_test, metrics)
+            for Y_train, Y_test in scaled]
+
+
+def _scaled_source_and_targets(X: np.ndarray, Ys, train_idx, test_idx):
+    """The default split and scaling of one source and every target, in float64 (the rows
+    used checked finite): ``X_train, X_test`` and ``(Y_train, Y_test)`` per target (the
+    source scaled once)."""
     train_idx, test_idx = _resolve_indices(X.shape[0], train_idx, test_idx)
     X_train, X_test = _flexible_scale(_finite_float64(X[train_idx], "X"),
                                       _finite_float64(X[test_idx], "X"), "X")
-    out = []
+    scaled = []
     for Y in Ys:
         _, Y = _check_pair(X, Y)
-        Y_train, Y_test = _flexible_scale(_finite_float64(Y[train_idx], "Y"),
-                                          _finite_float64(Y[test_idx], "Y"), "Y")
-        out.append(_global_default(X_train, X_test, Y_train, Y_test, metrics))
-    return out
+        scaled.append(_flexible_scale(_finite_float64(Y[train_idx], "Y"),
+                                      _finite_float64(Y[test_idx], "Y"), "Y"))
+    return X_train, X_test, scaled
 
 
 def global_reconstruction_distortion(X, Y, test_idx=None, train_idx=None, scaler=None,
@@ -846,14 +853,8 @@ def pointwise_local_reconstruction_errors(X, Ys, n_local_points, test_idx=None, 
             f"X has {len(X)} samples but n_local_points={max(ks)}. "
             "Must have at least n_local_points samples"
         )
-    train_idx, test_idx = _resolve_indices(X.shape[0], train_idx, test_idx)
-    X_train, X_test = _flexible_scale(X[train_idx], X[test_idx], "X")
-    targets = []
-    for Y, k in zip(Ys, ks):
-        _, Y = _check_pair(X, Y)
-        Y_train, Y_test = _flexible_scale(_finite_float64(Y[train_idx], "Y"),
-                                          _finite_float64(Y[test_idx], "Y"), "Y")
-        targets.append((Y_train, Y_test, min(k, len(train_idx))))
+    X_train, X_test, scaled = _scaled_source_and_targets(X, Ys, train_idx, test_idx)
+    targets = [(Y_train, Y_test, min(k, len(X_train))) for (Y_train, Y_test), k in zip(scaled, ks)]
     neighbours = _nearest_train_rows(X_train, X_test, max(ks, default=1))
     return _local_errors_default(X_train, X_test, targets, neighbours, n_jobs)
 

@@ -1018,13 +1018,13 @@ class _ScaledRows:
 def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, tests: slice):
     """LFRE pointwise errors of the test rows ``tests`` of one group of pairs (one source,
     its targets ``members``), from the gathered features at the ``wanted`` rows (each
-    target's rows scaled as the local fits read them)."""
+    side's rows scaled as the local fits read them)."""
     rows = np.unique(neighbour_rows)
     at_rows = np.searchsorted(wanted, rows)
     neighbours = np.searchsorted(rows, neighbour_rows)
     first = fitted[members[0]]
     a, dx = members[0][0], widths[members[0][0]]
-    Gx = (np.asarray(features[a][at_rows], dtype=np.float64) - first.mean[:dx]) / first.sx
+    Gx = _ScaledRows(features[a], at_rows, first.mean[:dx], first.sx)
     targets = []
     for pair in members:
         f, dy = fitted[pair], widths[pair[1]]
