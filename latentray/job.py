@@ -9,6 +9,7 @@ the report (:mod:`latentray.report`). It never imports a model package.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -28,28 +29,34 @@ from .store import Store
 
 @dataclass
 class StageLog:
-    """Progress lines on stdout and the time spent per stage."""
+    """Progress lines on stdout and the time spent per stage. A stage timed inside another
+    is not counted in the outer one (``seconds`` add up to the timed wall time);
+    ``timeline``: every timed stage's ``(name, start, end)`` in Unix seconds."""
 
     quiet: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     _start: float = field(default_factory=time.perf_counter)
+    timeline: list[tuple[str, float, float]] = field(default_factory=list)
+    _open: list[str] = field(default_factory=list)
 
     def __call__(self, stage: str, message: str) -> None:
         if not self.quiet:
             elapsed = time.perf_counter() - self._start
             print(f"[{elapsed:7.1f}s] {stage:<8} {message}", flush=True)
 
+    @contextlib.contextmanager
     def timed(self, stage: str):
-        log = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                log.seconds[stage] = log.seconds.get(stage, 0.0) + time.perf_counter() - self.t
-
-        return _Timer()
+        t, start = time.perf_counter(), time.time()
+        self._open.append(stage)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            spent = time.perf_counter() - t
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + spent
+            self.timeline.append((stage, round(start, 3), round(start + spent, 3)))
+            if self._open:  # the enclosing stage adds its whole time when it ends
+                self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) - spent
 
 
 def _ray_init(address: str | None, log: StageLog):
@@ -72,22 +79,6 @@ def _ray_init(address: str | None, log: StageLog):
     return ray
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def run(config: Config, *, limit: int | None = None, address: str | None = None,
         quiet: bool = False) -> dict:
     """Run the whole job; return a summary (also written to ``OUTPUT/run.json``)."""
@@ -98,7 +89,8 @@ def run(config: Config, *, limit: int | None = None, address: str | None = None,
     store = Store(config.output)
     log("start", f"latentray {__version__}: config {config.source}, output {store.uri}"
                  + (f", first {limit} structures of each dataset" if limit else ""))
-    ray = _ray_init(address, log)
+    with log.timed("ray"):
+        ray = _ray_init(address, log)
     extraction = run_extraction(config, store, ray, log, limit=limit)
     with log.timed("analyse"):
         _, analysis_info = run_analysis(config, store, extraction, log)
@@ -110,6 +102,7 @@ def run(config: Config, *, limit: int | None = None, address: str | None = None,
         "extraction": asdict(extraction.totals),
         "analysis": analysis_info,
         "seconds": log.seconds,
+        "timeline": log.timeline,
         "report": report_path,
     }
     store.write_json(store.path("run.json"), summary)

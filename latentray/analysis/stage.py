@@ -89,8 +89,9 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
                            + ("" if path == "in-memory" else " (hash split)"))
 
             if "structure" in a.levels:
-                computed, reused = _cumulant_stage(store, d.name, chosen, n_shards,
-                                                   shard_digests, log)
+                with log.timed("cumulants"):
+                    computed, reused = _cumulant_stage(store, d.name, chosen, n_shards,
+                                                       shard_digests, log)
                 info["cumulants_computed"] = info.get("cumulants_computed", 0) + computed
                 info["cumulants_reused"] = info.get("cumulants_reused", 0) + reused
                 if a.maps:
@@ -137,35 +138,37 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
                                 lambda row, launch: submit(row, a.layer_metrics, inputs,
                                                            stratified, launch), info, log)
 
-    t0 = time.perf_counter()
-    fits.flush()
-    streamed.flush()
-    jobs = [(base, metrics, key, future.ref if isinstance(future, _Pending) else future)
-            for base, metrics, key, future in jobs]
-    pending = [future for *_, future in jobs if future is not None]
-    log("analyse", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
-                   f"unchanged), {len(pending)} to run")
-    info["fits_run"], info["fits_reused"] = len(pending), len(jobs) - len(pending)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
-        log("analyse", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
-                       f"({time.perf_counter() - t0:.1f} s)")
-    rows, group_rows = [], []
-    for base, metrics, key, future in jobs:
-        if future is not None:
-            cache[key] = ray.get(future)
-        got = cache[key]
-        sizes = {k: got[k] for k in ("n_train", "n_test") if k in got}
-        for metric in metrics:
-            rows.append({**base, **sizes, "metric": metric, "value": got["values"][metric]})
-        for g in got["groups"]:
-            group_rows.append({**{k: base[k] for k in GROUP_COLUMNS if k in base}, **g})
-    write_fits(store, [key for _, _, key, _ in jobs], cache,
-               [fit_code(base["level"]) for base, *_ in jobs])
-    results = _write_results(store, "reconstruction", rows, RESULT_COLUMNS)
-    _write_results(store, "by_group", group_rows, GROUP_COLUMNS)
-    map_rows = pd.concat(ray.get(maps), ignore_index=True) if maps else \
-        pd.DataFrame(columns=MAP_COLUMNS)
+    with log.timed("fits"):
+        t0 = time.perf_counter()
+        fits.flush()
+        streamed.flush()
+        jobs = [(base, metrics, key, future.ref if isinstance(future, _Pending) else future)
+                for base, metrics, key, future in jobs]
+        pending = [future for *_, future in jobs if future is not None]
+        log("fits", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
+                    f"unchanged), {len(pending)} to run")
+        info["fits_run"], info["fits_reused"] = len(pending), len(jobs) - len(pending)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
+            log("fits", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
+                        f"({time.perf_counter() - t0:.1f} s)")
+        rows, group_rows = [], []
+        for base, metrics, key, future in jobs:
+            if future is not None:
+                cache[key] = ray.get(future)
+            got = cache[key]
+            sizes = {k: got[k] for k in ("n_train", "n_test") if k in got}
+            for metric in metrics:
+                rows.append({**base, **sizes, "metric": metric, "value": got["values"][metric]})
+            for g in got["groups"]:
+                group_rows.append({**{k: base[k] for k in GROUP_COLUMNS if k in base}, **g})
+        write_fits(store, [key for _, _, key, _ in jobs], cache,
+                   [fit_code(base["level"]) for base, *_ in jobs])
+        results = _write_results(store, "reconstruction", rows, RESULT_COLUMNS)
+        _write_results(store, "by_group", group_rows, GROUP_COLUMNS)
+    with log.timed("maps"):
+        map_rows = pd.concat(ray.get(maps), ignore_index=True) if maps else \
+            pd.DataFrame(columns=MAP_COLUMNS)
     store.write_bytes(store.path("results", "maps.csv"),
                       map_rows.to_csv(index=False, float_format="%.10g").encode())
     store.write_table(store.path("results", "maps.parquet"),
@@ -185,8 +188,6 @@ def _write_results(store: Store, name: str, rows: list[dict], columns: list[str]
     store.write_table(store.path("results", f"{name}.parquet"),
                       pa.Table.from_pandas(table, preserve_index=False))
     return table
-
-
 
 
 def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int, a,
@@ -227,12 +228,6 @@ def _layer_analysis(store: Store, d, model: str, extraction: dict, n_shards: int
                 submit(row, launch)
 
 
-
-
-
-
-
-
 def _cumulant_stage(store: Store, dataset: str, chosen: dict[str, str], n_shards: int,
                     shard_digests: dict[str, list[str]], log) -> tuple[int, int]:
     """Bring the cumulant files of every (model, layer, shard) up to date, as Ray tasks;
@@ -246,7 +241,7 @@ def _cumulant_stage(store: Store, dataset: str, chosen: dict[str, str], n_shards
                            digest({"inputs": shard_digests[m][s], "code": code}))
                for m, layer in chosen.items() for s in range(n_shards)]
     computed = sum(ray.get(futures))
-    log("analyse", f"cumulant features (orders 1-{MAX_ORDER}) of {len(chosen)} models x "
-                   f"{n_shards} shard(s): {computed} computed, {len(futures) - computed} "
-                   f"unchanged ({time.perf_counter() - t:.1f} s)")
+    log("cumulants", f"cumulant features (orders 1-{MAX_ORDER}) of {len(chosen)} models x "
+                     f"{n_shards} shard(s): {computed} computed, {len(futures) - computed} "
+                     f"unchanged ({time.perf_counter() - t:.1f} s)")
     return computed, len(futures) - computed
