@@ -1,0 +1,266 @@
+"""The MPtrj run, rehearsed on one machine: every stage's cost as the structures grow.
+
+    .venv/bin/python benchmarks/rehearsal.py --structures 2000 20000 --models 2 \\
+        --json rehearsal.json [--workdir DIR] [--keep]
+
+For each N, in a fresh work directory, as a user of ``jobs/configs/mptrj.yaml`` would:
+
+1. an MPtrj-schema JSON of N frames (``benchmarks/mptrj_like.py``), and one with 1% more
+   (the first N frames the same);
+2. ``latentray prepare`` of the JSON (shards of 2,000 structures, as mptrj.yaml says);
+3. ``latentray run`` with M stand-in models (``benchmarks/standin_models.py``: small random
+   CHGNets and SevenNets, loaded by path through the real adapters) and mptrj.yaml's
+   analyses (every metric, both levels, bb and ll, order 2, the baselines, the order and
+   layer analyses; no spread seeds), every fit streamed from Parquet as MPtrj's are
+   (``in_memory_limit_mb: 0``: the stand-ins' latents are narrower than the real models');
+4. the same ``latentray run`` again, unchanged;
+5. ``latentray prepare`` of the JSON with 1% more, then ``latentray run``;
+6. ``latentray status``.
+
+Every command is a child process, watched every 0.2 s with its whole process tree (the local
+Ray cluster it starts and its workers): the driver's resident memory, attributed to the stage
+named by the driver's last progress line, and every other process's peak. Per command and
+stage: ``seconds`` (the job's own per-stage times, ``run.json``), ``peak_rss_mb`` (the
+driver), ``worker_peak_rss_mb`` (the largest other process of the tree), and per command the
+bytes and files written and what the job ran (units, cumulant shards, fits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import mptrj_like  # noqa: E402  (benchmarks/mptrj_like.py)
+import standin_models  # noqa: E402  (benchmarks/standin_models.py)
+from machine_info import describe  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SHARD_SIZE = 2000  # structures per shard: jobs/configs/mptrj.yaml
+#: output folders -> the stage that writes them
+STAGE_OF_FOLDER = {"structures": "read", "dropped": "read", "latents": "extract",
+                   "failures": "extract", "manifest": "extract", "cumulants": "cumulants",
+                   "results": "fits", "figures": "report", "report.html": "report",
+                   "run.json": "report"}
+
+
+def standin_checkpoints(folder: Path, n_models: int) -> list[dict]:
+    """``n_models`` stand-in models: CHGNet, SevenNet, CHGNet (seed 1), ... as config entries."""
+    models = []
+    for i in range(n_models):
+        family, seed = ("chgnet", "sevenn")[i % 2], i // 2
+        if family == "chgnet":
+            path = standin_models.build_chgnet(folder / f"chgnet-small-{seed}.pth.tar", seed)
+        else:
+            path = standin_models.build_sevennet(folder / f"sevennet-small-{seed}.pth", seed)
+        models.append({"id": f"{family}-small-{seed}", "family": family,
+                       "checkpoint": str(path), "layers": ["all"]})
+    return models
+
+
+def write_config(path: Path, prepared: Path, output: Path, models: list[dict]) -> None:
+    """mptrj.yaml's datasets and analyses, on this machine's CPUs, with ``models``, every fit
+    streamed."""
+    mptrj = yaml.safe_load((ROOT / "jobs" / "configs" / "mptrj.yaml").read_text())
+    analyses = dict(mptrj["analyses"], spread_seeds=[], in_memory_limit_mb=0)
+    config = {
+        "output": str(output),
+        "datasets": [{"name": "mptrj", "path": str(prepared / "structures" / "dataset=mptrj"),
+                      "format": "parquet", "subset_key": "subset", "on_error": "skip"}],
+        "models": models,
+        "extraction": {"shard_size": SHARD_SIZE, "batch_atoms": 256, "cpus_per_actor": 1},
+        "analyses": analyses,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _tree_bytes(folder: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes and files under each top-level entry of ``folder``."""
+    size, count = {}, {}
+    if not folder.exists():
+        return size, count
+    for top in folder.iterdir():
+        files = [top] if top.is_file() else [p for p in top.rglob("*") if p.is_file()]
+        size[top.name] = sum(p.stat().st_size for p in files)
+        count[top.name] = len(files)
+    return size, count
+
+
+class Watch:
+    """Run a command; sample its process tree's memory every ``period`` s."""
+
+    def __init__(self, command: list[str], period: float = 0.2):
+        self.command, self.period = command, period
+        self.driver: list[tuple[float, float]] = []  # (Unix time, MB)
+        self.others_peak: dict[int, float] = {}  # pid -> MB
+        self.lines: list[str] = []
+
+    def _sample(self, proc: psutil.Process) -> None:
+        while self._running:
+            try:
+                self.driver.append((time.time(), proc.memory_info().rss / 1e6))
+                for child in proc.children(recursive=True):
+                    try:
+                        mb = child.memory_info().rss / 1e6
+                    except psutil.Error:
+                        continue
+                    self.others_peak[child.pid] = max(self.others_peak.get(child.pid, 0.0), mb)
+            except psutil.Error:
+                pass
+            time.sleep(self.period)
+
+    def run(self) -> tuple[int, float]:
+        t = time.perf_counter()
+        popen = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, bufsize=1)
+        self._running = True
+        sampler = threading.Thread(target=self._sample, args=(psutil.Process(popen.pid),))
+        sampler.start()
+        for line in popen.stdout:
+            self.lines.append(line.rstrip())
+        rc = popen.wait()
+        self._running = False
+        sampler.join()
+        return rc, time.perf_counter() - t
+
+    def peak_by_stage(self, timeline: list) -> dict[str, float]:
+        """The driver's peak per stage of ``timeline`` (``(stage, start, end)``; a sample in
+        nested stages counts for the innermost), ``"other"`` outside every stage."""
+        peak: dict[str, float] = {}
+        for t, mb in self.driver:
+            inside = [(start, stage) for stage, start, end in timeline if start <= t <= end]
+            stage = max(inside)[1] if inside else "other"
+            peak[stage] = max(peak.get(stage, 0.0), mb)
+        return peak
+
+
+def timed_command(name: str, command: list[str], output: Path, log) -> dict:
+    """Run one command; what it cost, per stage when it is a ``latentray run``."""
+    before_size, before_count = _tree_bytes(output)
+    watch = Watch(command)
+    rc, wall = watch.run()
+    if rc not in (0, 1) or (rc == 1 and command[1] != "status"):
+        sys.stdout.write("\n".join(watch.lines[-40:]) + "\n")
+        raise RuntimeError(f"{name}: {' '.join(command)} exited with {rc}")
+    size, count = _tree_bytes(output)
+    record = {"command": " ".join(command[1:3]), "wall_seconds": round(wall, 2),
+              "peak_rss_mb": round(max((mb for _, mb in watch.driver), default=0.0), 1),
+              "worker_peak_rss_mb": round(max(watch.others_peak.values(), default=0.0), 1),
+              "bytes_written": sum(size.values()) - sum(before_size.values()),
+              "files_written": sum(count.values()) - sum(before_count.values())}
+    if command[1] == "run":
+        summary = json.loads((output / "run.json").read_text())
+        peak = watch.peak_by_stage(summary["timeline"])
+        stages = {}
+        for stage, seconds in summary["seconds"].items():
+            stages[stage] = {"seconds": round(seconds, 2),
+                             "peak_rss_mb": round(peak.get(stage, 0.0), 1)}
+        stages["other"] = {"seconds": round(wall - sum(summary["seconds"].values()), 2),
+                           "peak_rss_mb": round(peak.get("other", 0.0), 1)}
+        for folder in set(size) | set(before_size):
+            stage = STAGE_OF_FOLDER.get(folder)
+            if stage in stages:
+                s = stages[stage]
+                s["bytes_written"] = s.get("bytes_written", 0) + size.get(folder, 0) \
+                    - before_size.get(folder, 0)
+                s["files_written"] = s.get("files_written", 0) + count.get(folder, 0) \
+                    - before_count.get(folder, 0)
+        record["stages"] = stages
+        ex, an = summary["extraction"], summary["analysis"]
+        record["ray_tasks"] = {"units": ex["ran"], "units_skipped": ex["skipped"],
+                               "cumulant_shards": an.get("cumulants_computed", 0),
+                               "fits": an["fits_run"], "fits_reused": an["fits_reused"],
+                               "maps": len(summary["provenance"]["models"])}
+        record["structures"] = ex["structures"]
+    log(f"  {name}: {record['wall_seconds']:.1f} s, driver peak {record['peak_rss_mb']:.0f} MB"
+        + "".join(f"; {k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB"
+                  for k, v in record.get("stages", {}).items()))
+    return record
+
+
+def rehearse(n: int, n_models: int, work: Path, log) -> dict:
+    """Every step of the rehearsal at ``n`` structures, in ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"structures": n, "models": n_models}
+    t = time.perf_counter()
+    data = mptrj_like.write(work / "mptrj-like.json", n)
+    grown_n = n + math.ceil(n / 100)
+    mptrj_like.write(work / "mptrj-like-grown.json", grown_n)
+    result["data"] = data
+    result["generate_seconds"] = round(time.perf_counter() - t, 1)
+    models = standin_checkpoints(work / "checkpoints", n_models)
+    prepared, output = work / "prepared", work / "out"
+    config = work / "config.yaml"
+    write_config(config, prepared, output, models)
+    latentray = str(BIN / "latentray")
+
+    def prepare(json_file: Path) -> list[str]:
+        return [latentray, "prepare", str(json_file), "--name", "mptrj", "--subset-key",
+                "n_elements", "--shard-size", str(SHARD_SIZE), "--output", str(prepared)]
+
+    steps = result["steps"] = {}
+    log(f"N = {n}: {data['atoms']} atoms, {n_models} models, in {work}")
+    steps["prepare"] = timed_command("prepare", prepare(work / "mptrj-like.json"), prepared, log)
+    steps["run"] = timed_command("run", [latentray, "run", str(config)], output, log)
+    steps["rerun_unchanged"] = timed_command("re-run, unchanged", [latentray, "run", str(config)],
+                                             output, log)
+    steps["prepare_grown"] = timed_command(f"prepare, {grown_n} structures",
+                                           prepare(work / "mptrj-like-grown.json"), prepared, log)
+    steps["rerun_grown"] = timed_command("re-run, 1% new", [latentray, "run", str(config)],
+                                         output, log)
+    steps["status"] = timed_command("status", [latentray, "status", str(output)], output, log)
+    first = steps["run"]["wall_seconds"]
+    result["rerun_unchanged_fraction"] = round(steps["rerun_unchanged"]["wall_seconds"] / first, 4)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--structures", type=int, nargs="+", required=True)
+    parser.add_argument("--models", type=int, default=2)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the data and outputs go (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folders")
+    args = parser.parse_args(argv)
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="latentray-rehearsal-"))
+    import latentray
+    import ray
+
+    report = {"machine": describe(latentray=latentray.__version__, ray=ray.__version__),
+              "shard_size": SHARD_SIZE, "runs": []}
+    t = time.perf_counter()
+    for n in args.structures:
+        work = base / f"n{n}-m{args.models}"
+        if work.exists():
+            shutil.rmtree(work)
+        try:
+            report["runs"].append(rehearse(n, args.models, work, print))
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    report["seconds"] = round(time.perf_counter() - t, 1)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"{args.json}: {len(report['runs'])} rehearsal(s) in {report['seconds']:.0f} s")
+    if not args.keep and args.workdir is None:
+        os.rmdir(base)
+
+
+if __name__ == "__main__":
+    main()

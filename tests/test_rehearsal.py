@@ -1,0 +1,105 @@
+"""What the MPtrj rehearsal (benchmarks/rehearsal.py) stands on: the generator of
+benchmarks/mptrj_like.py (its frames read the same through latentray's MPtrj reader and
+through pymatgen, keep MPtrj's schema, and a larger N starts with exactly the frames of a
+smaller one) and the job's per-stage times."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentray.datasets import iter_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "mptrj-sample.json"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mptrj_like = _load("mptrj_like")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mptrj-like")
+    small, large = folder / "small.json", folder / "large.json"
+    counts = mptrj_like.write(small, 40, seed=3)
+    mptrj_like.write(large, 90, seed=3)
+    return small, large, counts
+
+
+def test_frames_read_the_same_through_latentray_and_pymatgen(generated):
+    from pymatgen.core import Structure
+
+    small, _, counts = generated
+    documents = [(fid, doc) for frames in json.loads(small.read_text()).values()
+                 for fid, doc in frames.items()]
+    frames = list(iter_frames("m", str(small), "mptrj-json", subset_key="n_elements"))
+    assert len(frames) == len(documents) == counts["structures"] == 40
+    assert counts["atoms"] == sum(len(f.numbers) for f in frames)
+    for frame, (fid, doc) in zip(frames, documents):
+        structure = Structure.from_dict(doc["structure"])
+        assert frame.native_id == fid
+        np.testing.assert_array_equal(frame.numbers, structure.atomic_numbers)
+        np.testing.assert_allclose(frame.positions, structure.cart_coords, atol=1e-9)
+        np.testing.assert_allclose(frame.cell, structure.lattice.matrix, atol=0)
+        np.testing.assert_allclose([s["xyz"] for s in doc["structure"]["sites"]],
+                                   structure.cart_coords, atol=1e-9)
+        lattice = doc["structure"]["lattice"]
+        np.testing.assert_allclose([lattice[k] for k in ("a", "b", "c", "alpha", "beta",
+                                                         "gamma", "volume")],
+                                   [*structure.lattice.abc, *structure.lattice.angles,
+                                    structure.lattice.volume], rtol=1e-10)
+        assert frame.energy == doc["corrected_total_energy"]
+        assert frame.subset == str(len(set(structure.species)))
+        assert 1 <= len(frame.numbers) <= mptrj_like.MAX_ATOMS
+
+
+def test_the_schema_is_mptrjs(generated):
+    small, _, _ = generated
+    sample = next(iter(next(iter(json.loads(SAMPLE.read_text()).values())).values()))
+    doc = next(iter(next(iter(json.loads(small.read_text()).values())).values()))
+    assert set(doc) == set(sample)
+    assert set(doc["structure"]) == set(sample["structure"])
+    assert set(doc["structure"]["lattice"]) == set(sample["structure"]["lattice"])
+    assert set(doc["structure"]["sites"][0]) == set(sample["structure"]["sites"][0])
+    assert np.shape(doc["force"]) == (len(doc["structure"]["sites"]), 3)
+
+
+def test_a_larger_n_starts_with_the_smaller_ns_frames(generated):
+    small, large, _ = generated
+    a = list(iter_frames("m", str(small), "mptrj-json"))
+    b = list(iter_frames("m", str(large), "mptrj-json"))
+    assert len(b) == 90
+    for x, y in zip(a, b[:40]):
+        assert x.native_id == y.native_id and x.energy == y.energy
+        np.testing.assert_array_equal(x.positions, y.positions)
+    materials = json.loads(large.read_text())
+    assert len(materials) > 3  # several materials, several frames each
+    assert max(len(frames) for frames in materials.values()) > 1
+
+
+def test_stage_times_nest_without_counting_twice(monkeypatch):
+    """The job's per-stage seconds (what benchmarks/rehearsal.py reports): a stage timed
+    inside another is left out of the outer one, and the timeline holds both intervals."""
+    from latentray import job
+
+    clock = iter([0.0, 1.0, 3.0, 10.0])  # outer starts, inner starts, inner ends, outer ends
+    monkeypatch.setattr(job.time, "perf_counter", lambda: next(clock))
+    log = job.StageLog(quiet=True, _start=0.0)
+    with log.timed("analyse"):
+        with log.timed("fits"):
+            pass
+    assert log.seconds == {"fits": 2.0, "analyse": 8.0}
+    assert [stage for stage, *_ in log.timeline] == ["fits", "analyse"]
+    (_, s_in, e_in), (_, s_out, e_out) = log.timeline
+    assert s_out <= s_in <= e_in <= e_out
