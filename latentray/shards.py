@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .store import FAILURE_SCHEMA, INPUT, Store
 
@@ -88,6 +89,39 @@ class StructureShard:
             "subset": pa.array(self.subset.tolist(), pa.string()),
             "energy": pa.array(self.energy, pa.float64()),
         }).replace_schema_metadata({"latentray.shard_sha256": self.content_hash()})
+
+
+    @classmethod
+    def from_table(cls, dataset: str, shard: int, table: pa.Table) -> "StructureShard":
+        """The shard :meth:`table` wrote (its structures; not its failures or drops)."""
+        def flat(name: str) -> np.ndarray:
+            return table[name].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+        return cls(
+            dataset=dataset, shard=shard,
+            structure_id=np.asarray(table["structure_id"].to_pylist(), dtype=object),
+            structure_index=table["structure_index"].to_numpy(),
+            n_atoms=table["n_atoms"].to_numpy(),
+            numbers=flat("numbers").astype(np.int64),
+            positions=flat("positions").reshape(-1, 3),
+            cells=flat("cell").reshape(-1, 3, 3),
+            pbc=flat("pbc").reshape(-1, 3),
+            subset=np.asarray(table["subset"].to_pylist(), dtype=object),
+            energy=table["energy"].to_numpy(zero_copy_only=False))
+
+
+def read_shard(store: Store, dataset: str, shard: int, sha256: str) -> StructureShard:
+    """Shard ``shard`` of ``dataset`` from ``structures/`` (what an extraction unit runs on),
+    refused unless it holds exactly the content ``sha256`` (the hash the unit's inputs name:
+    a later run may have rewritten the file)."""
+    path = store.structures_path(dataset, shard)
+    table = pq.read_table(path, filesystem=store.fs)
+    structures = StructureShard.from_table(dataset, shard, table)
+    if structures.content_hash() != sha256:
+        raise RuntimeError(f"{store.display(path)}: its structures changed since this unit "
+                           f"was planned (sha256 {structures.content_hash()[:12]}, expected "
+                           f"{sha256[:12]}): run the job again")
+    return structures
 
 
 def write_shard_tables(store: Store, shard) -> None:

@@ -278,3 +278,27 @@ models: [{{id: m, family: chgnet, checkpoint: "0.3.0"}}]
     assert kept == [f"mad:{i}" for i in range(303) if i not in singles]
     assert main(["prepare", str(tmp_path / "nothing.cif"), "--output", str(tmp_path)]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
+
+
+def test_a_shard_reads_back_from_its_structures_file(tmp_path):
+    """What an extraction unit runs on is read from ``structures/``: the same arrays and
+    content hash as the shard the reader made; a file whose content changed is refused."""
+    from latentray.shards import StructureShard, read_shard, write_shard_tables
+    from latentray.store import Store
+
+    store = Store(str(tmp_path))
+    shards = list(iter_shards("mad", "builtin:mad-val-1000", "extxyz", "subset", 7, 20))
+    for shard in shards:
+        write_shard_tables(store, shard)
+        back = read_shard(store, "mad", shard.shard, shard.content_hash())
+        for name in ("structure_index", "n_atoms", "numbers", "positions", "cells", "pbc",
+                     "energy"):
+            np.testing.assert_array_equal(getattr(back, name), getattr(shard, name))
+            assert getattr(back, name).dtype == getattr(shard, name).dtype, name
+        assert back.structure_id.tolist() == shard.structure_id.tolist()
+        assert back.subset.tolist() == shard.subset.tolist()
+        assert back.content_hash() == shard.content_hash()
+    with pytest.raises(RuntimeError, match="part-00001.parquet: its structures changed"):
+        read_shard(store, "mad", 1, shards[0].content_hash())
+    empty = StructureShard.from_table("mad", 0, shards[0].table().slice(0, 0))
+    assert len(empty) == 0 and empty.positions.shape == (0, 3)

@@ -174,9 +174,10 @@ def describe_models(config: Config, ray, log) -> tuple[dict[str, ModelDescriptio
     return descriptions, layers
 
 
-def read_datasets(config: Config, store: Store, ray, log, limit: int | None = None):
-    """Read every dataset into shards (written to ``structures/``, put in Ray's object
-    store); return ``[(dataset, shard number, content hash, object ref)]`` and the counts."""
+def read_datasets(config: Config, store: Store, log, limit: int | None = None):
+    """Read every dataset into shards, written to ``structures/`` (where the extraction units
+    read them: the driver holds one shard at a time); return ``[(dataset, shard number,
+    content hash)]`` and the counts."""
     e = config.extraction
     shards = []
     counts: dict[str, DatasetCounts] = {}
@@ -188,7 +189,7 @@ def read_datasets(config: Config, store: Store, ray, log, limit: int | None = No
             for shard in iter_shards(d.name, d.path, d.format, d.subset_key, e.shard_size,
                                      n_max, d.filters, d.on_error):
                 write_shard_tables(store, shard)
-                shards.append((d.name, shard.shard, shard.content_hash(), ray.put(shard)))
+                shards.append((d.name, shard.shard, shard.content_hash()))
                 c["structures"] += len(shard)
                 c["atoms"] += int(shard.n_atoms.sum())
                 c["shards"] += 1
@@ -215,7 +216,7 @@ def run_extraction(config: Config, store: Store, ray, log,
         except DatasetError as exc:
             raise ConfigError(f"{config.source}: datasets[{i}] ({d.name}).path: {exc}") from None
     descriptions, layers = describe_models(config, ray, log)
-    shards, counts = read_datasets(config, store, ray, log, limit)
+    shards, counts = read_datasets(config, store, log, limit)
     worker_cls = _worker_class(config, ray)
     totals = {"units": 0, "skipped": 0, "ran": 0, "structures": 0, "atoms": 0, "failed": 0}
     failed_units: list[str] = []
@@ -225,7 +226,7 @@ def run_extraction(config: Config, store: Store, ray, log,
         # plan: model-major, so that each actor keeps loading the same model
         todo, skipped = [], 0
         for m in models:
-            for dataset, number, shard_hash, ref in shards:
+            for dataset, number, shard_hash in shards:
                 inputs = UnitInputs.of(dataset, number, shard_hash, m, layers[m.id],
                                        descriptions[m.id])
                 state, _ = explain(read_entry(store, dataset, m.id, number),
@@ -233,7 +234,7 @@ def run_extraction(config: Config, store: Store, ray, log,
                 if state == "done":
                     skipped += 1
                     continue
-                todo.append((m, dataset, number, ref, inputs))
+                todo.append((m, dataset, number, shard_hash, inputs))
         totals["units"] += n_group_units
         totals["skipped"] += skipped
         if not todo:
@@ -281,12 +282,13 @@ def _run_units(todo: list, slots: list[Slot], new_actor, layers: dict, descripti
     while queue or running:
         while queue and idle:
             slot = idle.pop()
-            m, dataset, number, ref, inputs = unit = queue.pop(0)
-            running[slot.actor.run_unit.remote(m, layers[m.id], [ref], store.uri, batch_atoms,
-                                               slot.builders)] = (slot, unit)
+            m, dataset, number, shard_hash, inputs = unit = queue.pop(0)
+            running[slot.actor.run_unit.remote(m, layers[m.id], dataset, number, shard_hash,
+                                               store.uri, batch_atoms, slot.builders)] = \
+                (slot, unit)
         done, _ = ray.wait(list(running), num_returns=1)
         for future in done:
-            slot, (m, dataset, number, ref, inputs) = running.pop(future)
+            slot, (m, dataset, number, _, inputs) = running.pop(future)
             manifest = store.manifest_path(dataset, m.id, number)
             finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
             n_done += 1

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from ..codehash import code_digests
 from ..records import ModelDescription
-from ..shards import StructureShard
+from ..shards import StructureShard, read_shard
 from ..store import FAILURE_SCHEMA, Store, latent_table
 
 if TYPE_CHECKING:
@@ -145,18 +145,21 @@ class ExtractionWorker:
             reasons.update(failed)
             yield from prepared
 
-    def run_unit(self, model: ModelConfig, layers: list[str], shard_ref: list,
-                 output: str, batch_atoms: int, builders: list | None = None) -> dict:
-        """Run one (shard, model) unit. ``shard_ref`` is ``[ObjectRef]`` of the shard (in a
-        list, so that Ray hands the reference on to the builders rather than the data)."""
+    def run_unit(self, model: ModelConfig, layers: list[str], dataset: str, number: int,
+                 sha256: str, output: str, batch_atoms: int,
+                 builders: list | None = None) -> dict:
+        """Run one (shard, model) unit: shard ``number`` of ``dataset``, read from the run's
+        ``structures/`` (it must still hold the content ``sha256``); its graph builders get
+        it through the object store, for the time of this unit."""
         import ray
 
         t_unit = time.perf_counter()
         t0 = time.perf_counter()
         adapter = self._adapter(model)
         t_load = time.perf_counter() - t0
-        shard: StructureShard = ray.get(shard_ref[0])
         store = Store(output)
+        shard = read_shard(store, dataset, number, sha256)
+        shard_ref = ray.put(shard) if builders else None
         n = len(shard)
         reasons: dict[int, tuple[str, str]] = {}
         outputs: dict[int, dict[str, np.ndarray]] = {}
@@ -185,7 +188,7 @@ class ExtractionWorker:
             if any(c != start for c in counts.values()):
                 raise RuntimeError(f"{model.id}: forward returned {counts} rows for {start} atoms")
 
-        prepared = self._prepared(adapter, model, shard, shard_ref[0], builders or [],
+        prepared = self._prepared(adapter, model, shard, shard_ref, builders or [],
                                   batch_atoms, reasons, timings)
         for batch in by_atoms(prepared, lambda item: shard.n_atoms[item[0]], batch_atoms):
             run_batch(batch)
