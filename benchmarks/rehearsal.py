@@ -108,6 +108,7 @@ class Watch:
         self.command, self.period = command, period
         self.driver: list[tuple[float, float]] = []  # (Unix time, MB)
         self.others_peak: dict[int, float] = {}  # pid -> MB
+        self.names: dict[int, str] = {}  # pid -> process title (Ray names its workers)
         self.lines: list[str] = []
 
     def _sample(self, proc: psutil.Process) -> None:
@@ -119,7 +120,12 @@ class Watch:
                         mb = child.memory_info().rss / 1e6
                     except psutil.Error:
                         continue
-                    self.others_peak[child.pid] = max(self.others_peak.get(child.pid, 0.0), mb)
+                    if mb > self.others_peak.get(child.pid, 0.0):
+                        self.others_peak[child.pid] = mb
+                        try:
+                            self.names[child.pid] = " ".join(child.cmdline())[:80]
+                        except psutil.Error:
+                            pass
             except psutil.Error:
                 pass
             time.sleep(self.period)
@@ -161,6 +167,8 @@ def timed_command(name: str, command: list[str], output: Path, log) -> dict:
     record = {"command": " ".join(command[1:3]), "wall_seconds": round(wall, 2),
               "peak_rss_mb": round(max((mb for _, mb in watch.driver), default=0.0), 1),
               "worker_peak_rss_mb": round(max(watch.others_peak.values(), default=0.0), 1),
+              "largest_worker": watch.names.get(max(watch.others_peak, default=None,
+                                                    key=watch.others_peak.get), ""),
               "bytes_written": sum(size.values()) - sum(before_size.values()),
               "files_written": sum(count.values()) - sum(before_count.values())}
     if command[1] == "run":
