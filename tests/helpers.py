@@ -11,6 +11,21 @@ import pytest
 import latentray
 
 
+MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
+SEVENN_UNSUPPORTED = {84, 85, 86, 87, 88}  # Po, At, Rn, Fr, Ra: not in SevenNet-0's type map
+
+
+def small_mad_structures(n: int = 6) -> list:
+    """The first ``n`` of the first 20 MAD structures with at most 50 atoms and no element
+    that SevenNet-0 lacks: what every packaged CHGNet and SevenNet can process."""
+    from ase.io import read
+
+    chosen = [a for a in read(MAD, index=":20")
+              if len(a) <= 50 and not SEVENN_UNSUPPORTED.intersection(a.numbers.tolist())][:n]
+    assert len(chosen) == n
+    return chosen
+
+
 def layer_matrices(output: Path, model: str | None = None) -> dict[str, np.ndarray]:
     """``{layer: (atoms, width) features}`` of one model (or of the only one) under
     ``OUTPUT/latents``, rows in dataset order (structure, then atom): ``latentray.open``

@@ -18,22 +18,16 @@ from ase.io import read
 
 pytest.importorskip("torch")
 
-from helpers import run_calculator, sevennet_hooked_calculator  # noqa: E402
+from helpers import (MAD, SEVENN_UNSUPPORTED, run_calculator,  # noqa: E402
+                     sevennet_hooked_calculator, small_mad_structures)
 from latentray.models import StructureError, load_adapter  # noqa: E402
 from latentray.models.base import file_sha256  # noqa: E402
-
-MAD = Path(__file__).resolve().parents[1] / "latentray" / "data" / "mad-val-1000.xyz"
-SEVENN_UNSUPPORTED = {84, 85, 86, 87, 88}  # Po, At, Rn, Fr, Ra: not in SevenNet-0's type map
 
 
 @pytest.fixture(scope="module")
 def structures():
     """Six small structures that every packaged model can process (10 to 50 atoms)."""
-    frames = read(MAD, index=":20")
-    chosen = [a for a in frames
-              if len(a) <= 50 and not SEVENN_UNSUPPORTED.intersection(a.numbers.tolist())][:6]
-    assert len(chosen) == 6
-    return chosen
+    return small_mad_structures(6)
 
 
 @pytest.fixture(scope="module")

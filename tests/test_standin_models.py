@@ -10,17 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.io import read
 
 pytest.importorskip("torch")
 
-from helpers import run_calculator, sevennet_hooked_calculator  # noqa: E402
+from helpers import (run_calculator, sevennet_hooked_calculator,  # noqa: E402
+                     small_mad_structures)
 from latentray.models import load_adapter  # noqa: E402
 from latentray.models.base import file_sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MAD = ROOT / "latentray" / "data" / "mad-val-1000.xyz"
-SEVENN_UNSUPPORTED = {84, 85, 86, 87, 88}  # Po, At, Rn, Fr, Ra: not in SevenNet-0's type map
 
 
 def _load_standin_module():
@@ -37,11 +35,7 @@ standin = _load_standin_module()
 @pytest.fixture(scope="module")
 def structures():
     """Six small structures that both families can process (10 to 50 atoms)."""
-    frames = read(MAD, index=":20")
-    chosen = [a for a in frames
-              if len(a) <= 50 and not SEVENN_UNSUPPORTED.intersection(a.numbers.tolist())][:6]
-    assert len(chosen) == 6
-    return chosen
+    return small_mad_structures(6)
 
 
 def _n_atoms(frames) -> int:
