@@ -26,8 +26,10 @@ $(VENV)/.ready: $(BIN)/python locks/driver.txt pyproject.toml
 # - mace: mace-torch pins e3nn 0.4.4, SevenNet needs e3nn >= 0.5;
 # - mattersim: its metadata requires torchvision and torchaudio, which it never imports and
 #   whose PyPI builds do not load beside this torch (torchmetrics imports torchvision when it
-#   is present, and fails), so its lock leaves them out (hence --no-deps).
-FAMILY_ENVS := mace mattersim
+#   is present, and fails), so its lock leaves them out (hence --no-deps);
+# - diep: it requires lightning and torchmetrics (for its training code), which the driver's
+#   lock does not hold; kept apart so that the driver's lock does not change.
+FAMILY_ENVS := mace mattersim diep
 .venv-%/.ready: locks/%.txt pyproject.toml
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip --disable-pip-version-check -q install --no-deps -r locks/$*.txt

@@ -26,7 +26,7 @@ freeze driver .venv "$DRIVER_EXTRAS" driver
 RAY=$("$WORK/driver/bin/python" -c 'import ray; print(ray.__version__)')
 
 # the family environments (see the Makefile for why each is separate), with the driver's Ray
-for family in mace mattersim; do
+for family in mace mattersim diep; do
   "$PYTHON" -m venv "$WORK/$family"
   pip_in "$family" install torch==2.13.0
   pip_in "$family" install -e ".[$family]" "ray[default]==$RAY"

@@ -21,6 +21,7 @@ BUILTIN_FAMILIES = {
     "orb": "latentray.models.orb:OrbAdapter",
     "mattersim": "latentray.models.mattersim:MatterSimAdapter",
     "uma": "latentray.models.uma:UMAAdapter",
+    "diep": "latentray.models.diep:DIEPAdapter",
 }
 
 
