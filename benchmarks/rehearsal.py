@@ -17,6 +17,9 @@ For each N, in a fresh work directory, as a user of ``jobs/configs/mptrj.yaml`` 
 5. ``latentray prepare`` of the JSON with 1% more, then ``latentray run``;
 6. ``latentray status``.
 
+The job's maps (Ray tasks beside the cumulants of the next layer and the fits) have no stage
+of their own: their time is in the stages they run beside.
+
 Every command is a child process, watched every 0.2 s with its whole process tree (the local
 Ray cluster it starts and its workers): the driver's resident memory, attributed to the stage
 named by the driver's last progress line, and every other process's peak. Per command and
@@ -192,8 +195,7 @@ def timed_command(name: str, command: list[str], output: Path, log) -> dict:
         ex, an = summary["extraction"], summary["analysis"]
         record["ray_tasks"] = {"units": ex["ran"], "units_skipped": ex["skipped"],
                                "cumulant_shards": an.get("cumulants_computed", 0),
-                               "fits": an["fits_run"], "fits_reused": an["fits_reused"],
-                               "maps": len(summary["provenance"]["models"])}
+                               "fits": an["fits_run"], "fits_reused": an["fits_reused"]}
         record["structures"] = ex["structures"]
     log(f"  {name}: {record['wall_seconds']:.1f} s, driver peak {record['peak_rss_mb']:.0f} MB"
         + "".join(f"; {k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB"

@@ -18,6 +18,7 @@ this module and the adapter's are the code a unit's latents depend on.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import posixpath
 import time
 from collections import OrderedDict
@@ -222,6 +223,12 @@ class ExtractionWorker:
             posixpath.join(store.failures_dir(shard.dataset, model.id), store.part(shard.shard)),
             failures)
         timings["write"] = time.perf_counter() - t
+        # A forward pass stopped by a hook leaves reference cycles (exception, traceback,
+        # frames holding tensors and Arrow tables); Python's collector counts objects, not
+        # bytes, and freed them late: an actor's memory grew by ~45 MB per CHGNet unit of
+        # 2,000 structures (2 GB after 25 units). Collected once per unit, it stays flat.
+        del outputs, prepared
+        gc.collect()
         timings["wall"] = time.perf_counter() - t_unit
         if len(done) + len(failed) != n:
             raise RuntimeError(f"{model.id}: {n} structures in, {len(done)} out + "
