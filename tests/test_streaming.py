@@ -1,6 +1,8 @@
 """latentray.method.streaming: the measures from mergeable statistics over blocks, against
 scikit-matter (given the same index sets) on random and on real latents, and the split rule."""
 
+import os
+
 import numpy as np
 import pytest
 import skmatter.metrics as skm
@@ -196,6 +198,27 @@ def test_serial_executor_runs_each_task_once_when_fetched():
     assert ex.reduce(lambda *parts: sum(parts, []), handles, fan_in=3) == list(range(20))
     assert sorted(calls) == list(range(20))
     assert ex.get(ex.map(task, [(5,), (6,)])) == [[5], [6]]
+
+
+def test_serial_executor_parts_run_each_task_once_and_leave_no_file():
+    """A shuffle's tasks (``map_parts``) run once, when a part is first fetched; the other
+    parts wait on disk and are deleted when fetched, so the process holds one at a time."""
+    calls = []
+
+    def task(i):
+        calls.append(i)
+        return tuple(np.full(3, 10 * i + p) for p in range(4))
+
+    ex = SerialExecutor()
+    handles = ex.map_parts(task, [(i,) for i in range(5)], 4)
+    assert calls == [] and len(handles) == 5 and all(len(h) == 4 for h in handles)
+    spill = handles[0][0].args[0]._spill.name
+    for p in (2, 0, 3, 1):
+        assert [ex.get([h[p]])[0].tolist() for h in handles] == [[10 * i + p] * 3
+                                                                 for i in range(5)]
+        if p == 2:
+            assert calls == list(range(5)) and len(os.listdir(spill)) == 5 * 3
+    assert calls == list(range(5)) and os.listdir(spill) == []
 
 
 def test_all_pairs_of_sides_without_common_rows_are_refused(three_sides):

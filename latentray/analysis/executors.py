@@ -44,3 +44,17 @@ class RayExecutor:
             handles = [remote.remote(*handles[i: i + fan_in])
                        for i in range(0, len(handles), fan_in)]
         return self._ray.get(handles[0])
+
+    def map_parts(self, fn, arg_lists, n_parts):
+        """Tasks of ``n_parts`` results each, every part its own object (a shuffle: the
+        object store holds them, spilling to disk when full): ``handles[task][part]``."""
+        def parts(*args):
+            out = fn(*args)
+            return tuple(out) if n_parts > 1 else out[0]
+
+        if n_parts == 0:
+            return [[] for _ in arg_lists]
+        parts.__name__ = fn.__name__
+        remote = self._remote(parts).options(num_returns=n_parts)
+        return [list(refs) if n_parts > 1 else [refs]
+                for refs in (remote.remote(*args) for args in arg_lists)]

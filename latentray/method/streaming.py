@@ -40,6 +40,9 @@ once per stage instead of ``2 (M - 1)`` times.
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Protocol, Sequence
@@ -496,6 +499,41 @@ class SerialExecutor:
                        for i in range(0, len(handles), fan_in)]
         return self.get(handles)[0]
 
+    def map_parts(self, fn: Callable, arg_lists: Sequence[tuple], n_parts: int) -> list[list]:
+        """Tasks that return ``n_parts`` results each, fetched one by one (a shuffle):
+        ``handles[task][part]``. A task runs when one of its parts is first fetched; its other
+        parts wait in a temporary directory (as Ray spills objects to disk), each read once
+        and deleted, so that this process holds one part at a time, not every task's."""
+        spill = tempfile.TemporaryDirectory(prefix="latentray-parts-")
+        return [[partial(_SpilledParts.fetch, parts, p) for p in range(n_parts)]
+                for parts in (_SpilledParts(partial(fn, *args), spill, t, n_parts)
+                              for t, args in enumerate(arg_lists))]
+
+
+class _SpilledParts:
+    """One deferred task of :meth:`SerialExecutor.map_parts` and its parts on disk."""
+
+    def __init__(self, call: Callable, spill, task: int, n_parts: int):
+        self._call, self._spill, self._task, self._n = call, spill, task, n_parts
+        self._run = False
+
+    def _path(self, part: int) -> str:
+        return os.path.join(self._spill.name, f"{self._task}-{part}.pickle")
+
+    def fetch(self, part: int):
+        if not self._run:
+            results = self._call()
+            if len(results) != self._n:
+                raise ValueError(f"a task of {self._n} parts returned {len(results)}")
+            for p, result in enumerate(results):
+                with open(self._path(p), "wb") as f:
+                    pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self._run, self._call = True, None
+        with open(self._path(part), "rb") as f:
+            result = pickle.load(f)
+        os.unlink(self._path(part))  # each part is fetched once
+        return result
+
 
 # --------------------------------------------------------------------------------------------
 # neighbours for LFRE
@@ -565,9 +603,16 @@ def _merge_neighbour_lists(*parts):
     return [_merge_neighbours(*group) for group in zip(*parts)]
 
 
-def _block_gather_joint(source, i, offset, wanted: np.ndarray):
-    """The wanted rows of this block: their numbers and every side's features, as stored."""
-    return source.take(i, offset, wanted)
+def _block_gather_parts(source, i, offset, wanted: Sequence[np.ndarray]) -> tuple:
+    """This block's rows of every gather block (``wanted[b]``: the gather block's row
+    numbers in this block, sorted), read once: per gather block, the rows' numbers and every
+    side's features there, as stored."""
+    rows, features = source.take(i, offset, np.unique(np.concatenate(wanted)))
+    out = []
+    for w in wanted:
+        at = np.searchsorted(rows, w)
+        out.append((w, [X[at] for X in features]))
+    return tuple(out)
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
@@ -958,7 +1003,7 @@ def _pair_statistics(joint: _JointStatistics, widths: Sequence[int], a: int, b: 
                        test=_TestRows.concat(tests), dx=widths[a])
 
 
-GATHER_ROWS = 1 << 18  # rows of one LFRE gather block: 1 GiB of float32 at a total width of 1,024
+GATHER_ROWS = 1 << 16  # rows of one LFRE gather block: 256 MiB of float32 at a total width of 1,024
 
 
 def _gather_blocks(found, n_rows: int, max_rows: int, piece: int = 256):
@@ -1056,18 +1101,22 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
        source's scaling and test rows: one neighbour search for the largest ``k`` of the
        group, then the local fits with the source's factorizations shared
        (:func:`_local_errors_default`). The gather serves all groups: their test rows in
-       order, in blocks whose neighbour rows number at most ``gather_rows``, one pass over
-       the blocks per block of test rows, each row once per block with every side's
-       columns as stored; then the block's local fits.
+       order, cut into gather blocks whose neighbour rows number at most ``gather_rows``;
+       one pass over the blocks in which each block task reads its rows of every gather
+       block once and returns them as one part per gather block (a shuffle,
+       ``executor.map_parts``: Ray's object store holds the parts, the serial executor a
+       temporary directory); then, gather block by gather block, its parts are assembled
+       (each row once, every side's columns as stored) and its test rows' local fits run.
 
     Per-pair results equal :func:`reconstruction_at_scale`'s on the pair's rows to rounding
     (the states merge in another order). Memory per task: one block plus one joint state per
     pattern and fold; the driver holds every pattern's states and candidates, and one
-    block's gathered rows: at most ``gather_rows`` rows of all ``P`` columns (float32 latents:
-    ``4 P gather_rows`` bytes, 1 GiB for ``P = 1024`` at the default), whatever ``N``. Of
-    all the groups' ``n_test * k`` neighbour slots, ``min(N, groups * n_test * k)`` rows at
-    most are distinct, so ``N <= gather_rows`` needs one gather pass and larger ``N`` up to
-    about ``groups * n_test * k / gather_rows`` of them.
+    gather block's rows: at most ``gather_rows`` rows of all ``P`` columns (float32 latents:
+    ``4 P gather_rows`` bytes, 256 MiB for ``P = 1024`` at the default), whatever ``N``.
+    The shuffle's parts, all gather blocks together, are each of the at most
+    ``min(N, groups * n_test * k)`` distinct neighbour rows once per gather block that
+    needs it: they wait outside the process (object store or disk), and the blocks are read
+    once for the gather however many gather blocks there are.
     """
     executor = executor or SerialExecutor()
     pairs = [tuple(pair) for pair in pairs]
@@ -1130,10 +1179,14 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
         # columns as stored, at most `gather_rows` of them; then the local fits of its rows
         members_of = list(groups.values())
         errors = {pair: [] for group in members_of for pair in group}
-        for block, wanted in _gather_blocks(found, int(offsets[-1]), gather_rows):
-            wanted_ref = executor.put(wanted)
-            features = _gathered(executor, executor.map(_block_gather_joint, [
-                (src, i, int(offsets[i]), wanted_ref) for i in range(n)]), wanted)
+        plan = list(_gather_blocks(found, int(offsets[-1]), gather_rows))
+        parts = executor.map_parts(_block_gather_parts, [
+            (src, i, int(offsets[i]), [wanted[(wanted >= offsets[i]) & (wanted < offsets[i + 1])]
+                                       for _, wanted in plan]) for i in range(n)], len(plan))
+        for b, (block, wanted) in enumerate(plan):
+            features = _gathered(executor, [handles[b] for handles in parts], wanted)
+            for handles in parts:
+                handles[b] = None  # fetched: let the executor free it
             for g, start, stop in block:
                 members = members_of[g]
                 for pair, e in zip(members, _local_errors_of(
