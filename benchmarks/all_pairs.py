@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/all_pairs.py [--sizes 1e5,1e6] [--models 2,4,8]
         [--data /tmp/latentray-bench-pairs] [--out all_pairs.json] [--methods per-pair,one pass]
-        [--no-per-pair-above N]
+        [--no-per-pair-above N] [--per-pair-at 1e6:8]
 
 For every size N (rows: atoms) and number of models M, on the same synthetic latents (M
 models x 128 features, float32, in latentray's layout: ``latents/dataset=bench/model=mK/
@@ -220,11 +220,15 @@ def main() -> None:
     parser.add_argument("--methods", default="per-pair,one pass")
     parser.add_argument("--no-per-pair-above", type=float, default=None,
                         help="skip the per-pair method above this many rows x pairs")
+    parser.add_argument("--per-pair-at", default=None,
+                        help="run the per-pair method only at these N:M, e.g. 1e6:8")
     args = parser.parse_args()
     if args.child:
         return child_main(args.child)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     models = [int(m) for m in args.models.split(",")]
+    per_pair_at = None if args.per_pair_at is None else {
+        (int(float(n)), int(m)) for n, m in (x.split(":") for x in args.per_pair_at.split(","))}
     results = []
     import skmatter
 
@@ -237,6 +241,9 @@ def main() -> None:
                 if method == "per-pair" and args.no_per_pair_above and \
                         work > args.no_per_pair_above:
                     r = {"skipped": f"skipped (N x pairs > {args.no_per_pair_above:.0e})"}
+                elif method == "per-pair" and per_pair_at is not None and \
+                        (n, m) not in per_pair_at:
+                    r = {"skipped": "skipped (not in --per-pair-at)"}
                 else:
                     r = run_child(method, n, m, directory)
                 r.update(n=n, models=m, method=method)
