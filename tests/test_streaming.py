@@ -201,13 +201,15 @@ def test_serial_executor_runs_each_task_once_when_fetched():
 
 
 def test_serial_executor_parts_run_each_task_once_and_leave_no_file():
-    """A shuffle's tasks (``map_parts``) run once, when a part is first fetched; the other
-    parts wait on disk and are deleted when fetched, so the process holds one at a time."""
+    """A shuffle's tasks (``map_parts``, generators) run once, when a part is first
+    fetched; the other parts wait on disk and are deleted when fetched, so the process holds
+    one at a time."""
     calls = []
 
     def task(i):
         calls.append(i)
-        return tuple(np.full(3, 10 * i + p) for p in range(4))
+        for p in range(4):
+            yield np.full(3, 10 * i + p)
 
     ex = SerialExecutor()
     handles = ex.map_parts(task, [(i,) for i in range(5)], 4)

@@ -46,15 +46,27 @@ class RayExecutor:
         return self._ray.get(handles[0])
 
     def map_parts(self, fn, arg_lists, n_parts):
-        """Tasks of ``n_parts`` results each, every part its own object (a shuffle: the
-        object store holds them, spilling to disk when full): ``handles[task][part]``."""
-        def parts(*args):
-            out = fn(*args)
-            return tuple(out) if n_parts > 1 else out[0]
-
+        """Tasks that yield ``n_parts`` results each (``fn`` a generator), every part its
+        own object, stored as it is yielded (a shuffle: the object store holds the parts,
+        spilling to disk when full): ``handles[task][part]``."""
         if n_parts == 0:
             return [[] for _ in arg_lists]
-        parts.__name__ = fn.__name__
-        remote = self._remote(parts).options(num_returns=n_parts)
+
+        def parts(*args):
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield from fn(*args)
+
+        def one(*args):
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                (part,) = fn(*args)
+            return part
+
+        task = parts if n_parts > 1 else one
+        task.__name__ = fn.__name__
+        remote = self._ray.remote(num_cpus=self._num_cpus, num_returns=n_parts)(task)
         return [list(refs) if n_parts > 1 else [refs]
                 for refs in (remote.remote(*args) for args in arg_lists)]

@@ -500,10 +500,11 @@ class SerialExecutor:
         return self.get(handles)[0]
 
     def map_parts(self, fn: Callable, arg_lists: Sequence[tuple], n_parts: int) -> list[list]:
-        """Tasks that return ``n_parts`` results each, fetched one by one (a shuffle):
-        ``handles[task][part]``. A task runs when one of its parts is first fetched; its other
-        parts wait in a temporary directory (as Ray spills objects to disk), each read once
-        and deleted, so that this process holds one part at a time, not every task's."""
+        """Tasks that yield ``n_parts`` results each (``fn`` a generator), fetched one by one
+        (a shuffle): ``handles[task][part]``. A task runs when one of its parts is first
+        fetched; each part is written to a temporary directory as it is yielded (as Ray
+        stores a generator's returns, spilling to disk), read once and deleted, so that
+        this process holds one part at a time, not every task's."""
         spill = tempfile.TemporaryDirectory(prefix="latentray-parts-")
         return [[partial(_SpilledParts.fetch, parts, p) for p in range(n_parts)]
                 for parts in (_SpilledParts(partial(fn, *args), spill, t, n_parts)
@@ -522,12 +523,13 @@ class _SpilledParts:
 
     def fetch(self, part: int):
         if not self._run:
-            results = self._call()
-            if len(results) != self._n:
-                raise ValueError(f"a task of {self._n} parts returned {len(results)}")
-            for p, result in enumerate(results):
-                with open(self._path(p), "wb") as f:
+            n = 0
+            for n, result in enumerate(self._call(), start=1):
+                with open(self._path(n - 1), "wb") as f:
                     pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+                del result
+            if n != self._n:
+                raise ValueError(f"a task of {self._n} parts yielded {n}")
             self._run, self._call = True, None
         with open(self._path(part), "rb") as f:
             result = pickle.load(f)
@@ -603,16 +605,15 @@ def _merge_neighbour_lists(*parts):
     return [_merge_neighbours(*group) for group in zip(*parts)]
 
 
-def _block_gather_parts(source, i, offset, wanted: Sequence[np.ndarray]) -> tuple:
+def _block_gather_parts(source, i, offset, wanted: Sequence[np.ndarray]):
     """This block's rows of every gather block (``wanted[b]``: the gather block's row
-    numbers in this block, sorted), read once: per gather block, the rows' numbers and every
-    side's features there, as stored."""
+    numbers in this block, sorted), read once; yields, gather block by gather block, the
+    rows' numbers and every side's features there, as stored (one part made at a time: a
+    row wanted by many gather blocks, as at small ``N``, is copied into one part at a time)."""
     rows, features = source.take(i, offset, np.unique(np.concatenate(wanted)))
-    out = []
     for w in wanted:
         at = np.searchsorted(rows, w)
-        out.append((w, [X[at] for X in features]))
-    return tuple(out)
+        yield w, [X[at] for X in features]
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
