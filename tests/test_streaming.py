@@ -185,6 +185,35 @@ def test_all_pairs_gather_in_blocks_of_test_rows_changes_no_number(three_sides):
         assert blocked[pair].values == whole[pair].values
 
 
+def test_the_gather_as_ray_tasks_equals_the_serial_one(three_sides):
+    """The gather's shuffle as Ray tasks (``RayExecutor.map_parts``: one object per gather
+    block, yielded by a generator; one gather block: a plain return) gives every pair the
+    values of the serial executor, to the last bit."""
+    import ray
+
+    from latentray.analysis.executors import RayExecutor
+
+    sides = ArraySides(block_rows=97, **three_sides)
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+    metrics = ("gfre", "lfre", "cka")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        for gather_rows in (60, streaming.GATHER_ROWS):  # many gather blocks, then one
+            serial = all_pairs_at_scale(sides, pairs, n_test=200, seed=1, metrics=metrics,
+                                        gather_rows=gather_rows)
+            remote = all_pairs_at_scale(sides, pairs, n_test=200, seed=1, metrics=metrics,
+                                        gather_rows=gather_rows, executor=RayExecutor())
+            for pair in pairs:
+                np.testing.assert_array_equal(remote[pair].pointwise["lfre"],
+                                              serial[pair].pointwise["lfre"])
+                assert remote[pair].values == serial[pair].values
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def test_serial_executor_runs_each_task_once_when_fetched():
     calls = []
 
@@ -200,7 +229,7 @@ def test_serial_executor_runs_each_task_once_when_fetched():
     assert ex.get(ex.map(task, [(5,), (6,)])) == [[5], [6]]
 
 
-def test_serial_executor_parts_run_each_task_once_and_leave_no_file():
+def test_serial_executor_parts_run_each_task_once_and_leave_no_file(tmp_path):
     """A shuffle's tasks (``map_parts``, generators) run once, when a part is first
     fetched; the other parts wait on disk and are deleted when fetched, so the process holds
     one at a time."""
@@ -211,16 +240,19 @@ def test_serial_executor_parts_run_each_task_once_and_leave_no_file():
         for p in range(4):
             yield np.full(3, 10 * i + p)
 
-    ex = SerialExecutor()
+    ex = SerialExecutor(spill_dir=str(tmp_path))
     handles = ex.map_parts(task, [(i,) for i in range(5)], 4)
     assert calls == [] and len(handles) == 5 and all(len(h) == 4 for h in handles)
     spill = handles[0][0].args[0]._spill.name
+    assert os.path.dirname(spill) == str(tmp_path)
     for p in (2, 0, 3, 1):
         assert [ex.get([h[p]])[0].tolist() for h in handles] == [[10 * i + p] * 3
                                                                  for i in range(5)]
         if p == 2:
             assert calls == list(range(5)) and len(os.listdir(spill)) == 5 * 3
     assert calls == list(range(5)) and os.listdir(spill) == []
+    del handles
+    assert not os.path.exists(spill)  # removed with the last handle
 
 
 def test_all_pairs_of_sides_without_common_rows_are_refused(three_sides):

@@ -42,7 +42,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Protocol, Sequence
@@ -479,7 +481,12 @@ def _block_ids(source, i: int, split) -> tuple[int, Any]:
 class SerialExecutor:
     """Block tasks in this process, one after the other, each run when its result is fetched
     (``map`` returns deferred calls; fetch each handle once): a reduction holds ``fan_in``
-    results at a time, a caller that fetches results one by one holds one."""
+    results at a time, a caller that fetches results one by one holds one. ``spill_dir``:
+    where :meth:`map_parts` keeps the parts waiting (default: the system's temporary
+    directory, ``TMPDIR``)."""
+
+    def __init__(self, spill_dir: str | None = None):
+        self.spill_dir = spill_dir
 
     def put(self, obj):
         return obj
@@ -505,10 +512,18 @@ class SerialExecutor:
         fetched; each part is written to a temporary directory as it is yielded (as Ray
         stores a generator's returns, spilling to disk), read once and deleted, so that
         this process holds one part at a time, not every task's."""
-        spill = tempfile.TemporaryDirectory(prefix="latentray-parts-")
+        spill = _SpillDirectory(self.spill_dir)
         return [[partial(_SpilledParts.fetch, parts, p) for p in range(n_parts)]
                 for parts in (_SpilledParts(partial(fn, *args), spill, t, n_parts)
                               for t, args in enumerate(arg_lists))]
+
+
+class _SpillDirectory:
+    """A temporary directory removed when the last task that writes into it is dropped."""
+
+    def __init__(self, parent: str | None):
+        self.name = tempfile.mkdtemp(prefix="latentray-parts-", dir=parent)
+        weakref.finalize(self, shutil.rmtree, self.name, ignore_errors=True)
 
 
 class _SpilledParts:
@@ -610,10 +625,14 @@ def _block_gather_parts(source, i, offset, wanted: Sequence[np.ndarray]):
     numbers in this block, sorted), read once; yields, gather block by gather block, the
     rows' numbers and every side's features there, as stored (one part made at a time: a
     row wanted by many gather blocks, as at small ``N``, is copied into one part at a time)."""
-    rows, features = source.take(i, offset, np.unique(np.concatenate(wanted)))
+    union = np.unique(np.concatenate(wanted))
+    if len(union) == 0:  # no row of this block is wanted: nothing to read
+        yield from ((w, None) for w in wanted)
+        return
+    rows, features = source.take(i, offset, union)
     for w in wanted:
         at = np.searchsorted(rows, w)
-        yield w, [X[at] for X in features]
+        yield w, ([X[at] for X in features] if len(w) else None)
 
 
 def _block_gather(source, i, offset, split, wanted: np.ndarray):
@@ -1040,6 +1059,8 @@ def _gathered(executor, handles: list, wanted: np.ndarray) -> list[np.ndarray]:
     features = None
     for handle in handles:
         rows, parts = executor.get([handle])[0]
+        if parts is None:  # none of the wanted rows in that block
+            continue
         if features is None:
             features = [np.empty((len(wanted), X.shape[1]), X.dtype) for X in parts]
         at = np.searchsorted(wanted, rows)
@@ -1181,9 +1202,11 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
         members_of = list(groups.values())
         errors = {pair: [] for group in members_of for pair in group}
         plan = list(_gather_blocks(found, int(offsets[-1]), gather_rows))
+        bounds = [np.searchsorted(wanted, offsets) for _, wanted in plan]  # wanted is sorted
         parts = executor.map_parts(_block_gather_parts, [
-            (src, i, int(offsets[i]), [wanted[(wanted >= offsets[i]) & (wanted < offsets[i + 1])]
-                                       for _, wanted in plan]) for i in range(n)], len(plan))
+            (src, i, int(offsets[i]), [wanted[at[i]: at[i + 1]]
+                                       for (_, wanted), at in zip(plan, bounds)])
+            for i in range(n)], len(plan))
         for b, (block, wanted) in enumerate(plan):
             features = _gathered(executor, [handles[b] for handles in parts], wanted)
             for handles in parts:
