@@ -115,7 +115,8 @@ class Run:
         order 1 (all by default) with ``features`` = the orders side by side (metadata
         ``latentray.width``: their total width)."""
         store = self.store
-        if columns is not None and "features" not in columns:  # the ids alone: order 1's file
+        ids_only = columns is not None and "features" not in columns
+        if ids_only:  # the ids alone: those columns of order 1's files
             order = 1
         parts, width = [], None
         for n in range(1, order + 1):
@@ -124,7 +125,8 @@ class Run:
             for shard in shards:
                 path = posixpath.join(directory, store.part(shard))
                 try:
-                    tables.append(pq.read_table(path, columns=None if n == 1 else
+                    tables.append(pq.read_table(path, columns=list(columns) if ids_only else
+                                                None if n == 1 else
                                                 ["structure_index", "features"],
                                                 filesystem=store.fs,
                                                 use_threads=ONE_SHARD_THREADS))
@@ -137,6 +139,8 @@ class Run:
                                             parts[0]["structure_index"].to_numpy()):
                 raise RuntimeError(f"{store.display(directory)}: rows differ from order 1's")
             parts.append(table)
+        if ids_only:
+            return parts[0]
         ids = parts[0].drop_columns(["features"])
         if columns is not None:
             ids = ids.select([c for c in columns if c != "features"])

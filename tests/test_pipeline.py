@@ -508,6 +508,12 @@ def test_rerun_does_no_extraction_and_gives_identical_results(job):
     # + the layer analysis (bb3, bb4 <-> ll in CHGNet, bb5 <-> ll in SevenNet)
     assert job["first"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8 + 6
     assert job["second"]["analysis"]["fits_run"] == 0  # nothing changed: no fit again
+    # ... and no model's features read: the cached fits' rows need the ids alone
+    assert job["second"]["analysis"]["in_memory_sides_read"] == 0
+    # first run, once per analysis that fits them: the pair analysis reads chgnet bb4 and
+    # sevennet bb5 at both levels (4), the layer analysis each model's backbone layers and
+    # ll at atom level (chgnet bb3, bb4, ll; sevennet bb5, ll: 5)
+    assert job["first"]["analysis"]["in_memory_sides_read"] == 4 + 5
     assert job["third"]["analysis"]["fits_run"] == 2 * 4 + 2 * 8 + 6
     csv = job["csv_third"]
     # header, 4 metrics between (atoms, cumulants, mean, sum), gfre within (orders, layers)

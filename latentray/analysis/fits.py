@@ -35,7 +35,7 @@ from ..method.reconstruction import (
 from ..method.splits import SplitError, paper_split, structure_n_test
 from ..method.streaming import (HashSplit, all_pairs_at_scale, linear_cka,
                                 reconstruction_at_scale)
-from ..reader import Run
+from ..reader import AtomRows, Run
 from ..store import Store, features_matrix
 from .blocks import ModelSides, PairSource
 from .executors import RayExecutor
@@ -164,6 +164,7 @@ class InMemoryFits:
 
         self._task = ray.remote(num_cpus=1)(fit_in_memory)
         self._groups: dict[tuple, tuple[tuple, list]] = {}
+        self.sides_read = 0  # sides whose features were read for these fits
 
     def add(self, key: tuple, shared: tuple, y_ref, view_y: tuple, metrics) -> _Pending:
         pending = _Pending()
@@ -180,31 +181,63 @@ class InMemoryFits:
         self._groups = {}
 
 
+def _atom_ids(run: Run, dataset: str, model: str, layer: str, n_shards: int) -> AtomRows:
+    """A side's atom rows in dataset order as :meth:`Run.latents` gives them, without the
+    features (``X`` is None)."""
+    table = run.latents_table(dataset, model, layer, shards=n_shards,
+                              columns=["structure_index", "atom_index", "Z"])
+    table = table.sort_by([("structure_index", "ascending"), ("atom_index", "ascending")])
+    return AtomRows(structure_id=None, structure_index=table["structure_index"].to_numpy(),
+                    atom_index=table["atom_index"].to_numpy(), Z=table["Z"].to_numpy(), X=None,
+                    width=int(table.schema.metadata[b"latentray.width"]))
+
+
 def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_shards: int,
                          a, fits: InMemoryFits, log, structure: bool = True):
-    """Read the latents (and, with ``structure``, the cumulants) of every side once, a side
+    """Read the row ids of every side's latents (and, with ``structure``, cumulants), a side
     being a label -> (model, layer); return ``launch(src, tgt, comparison, seed)`` for the
-    fits between sides, ``src`` and ``tgt`` labels."""
+    fits between sides, ``src`` and ``tgt`` labels. A side's features are read, and put in
+    the object store, once and only when a fit that needs them runs: a re-run whose fits are
+    all cached reads ids alone."""
     import ray
 
-    t = time.perf_counter()
     run = Run(store)
-    latents = {label: run.latents(d.name, m, layer, n_shards)
+    latents = {label: _atom_ids(run, d.name, m, layer, n_shards)
                for label, (m, layer) in sides.items()}
-    log("analyse", f"{d.name}: read latents of {len(latents)} model layers in "
-                   f"{time.perf_counter() - t:.1f} s")
     structures = run.structures(d.name, ["structure_index", "subset"]).to_pandas()
     subset_of = structures.set_index("structure_index")["subset"]
     done = {m: np.unique(x.structure_index) for m, x in latents.items()}
-    feats = {}  # label -> (structure_index, n_atoms, [k1 .. k8])
+    feats = {}  # label -> (structure_index, n_atoms)
     if structure and "structure" in a.levels:
         for label, (m, layer) in sides.items():
-            table = run.cumulants_table(d.name, m, layer, MAX_ORDER, range(n_shards))
-            feats[label] = (table["structure_index"].to_numpy(), table["n_atoms"].to_numpy(),
-                            features_matrix(table["features"]))
-    # each model's matrix goes to the object store once
-    x_refs = {m: ray.put(x.X) for m, x in latents.items()}
-    f_refs = {m: ray.put(np.ascontiguousarray(f[2])) for m, f in feats.items()}
+            table = run.cumulants_table(d.name, m, layer, MAX_ORDER, range(n_shards),
+                                        ["structure_index", "n_atoms"])
+            feats[label] = (table["structure_index"].to_numpy(), table["n_atoms"].to_numpy())
+    refs: dict[tuple[str, str], object] = {}
+
+    def ref(label: str, kind: str):
+        """A side's features in the object store ("atoms": latents, "cumulants": [k1 .. k8]),
+        read on first use."""
+        if (label, kind) not in refs:
+            t, (m, layer) = time.perf_counter(), sides[label]
+            if kind == "atoms":
+                rows = run.latents(d.name, m, layer, n_shards)
+                ids = latents[label]
+                if not (np.array_equal(rows.structure_index, ids.structure_index)
+                        and np.array_equal(rows.atom_index, ids.atom_index)):
+                    raise RuntimeError(f"latents of {m} {layer} on {d.name} changed during the run")
+                X = rows.X
+            else:
+                table = run.cumulants_table(d.name, m, layer, MAX_ORDER, range(n_shards))
+                if not np.array_equal(table["structure_index"].to_numpy(), feats[label][0]):
+                    raise RuntimeError(f"cumulants of {m} {layer} on {d.name} changed during "
+                                       f"the run")
+                X = np.ascontiguousarray(features_matrix(table["features"]))
+            refs[label, kind] = ray.put(X)  # each side's matrix goes to the object store once
+            fits.sides_read += 1
+            log("analyse", f"{d.name}: read the {kind} of {m} {layer} in "
+                           f"{time.perf_counter() - t:.1f} s")
+        return refs[label, kind]
 
     def launch(src, tgt, comparison: Comparison, seed):
         common = np.intersect1d(done[src], done[tgt])
@@ -221,26 +254,26 @@ def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_s
             train, test = paper_split(len(ra), a.n_test, seed=seed,
                                       labels=labels if d.subset_key else None)
             groups = {"Z": A.Z[ra][test], "subset": labels[test]}
-            refs, views = (x_refs[src], x_refs[tgt]), ((ra, None, None), (rb, None, None))
+            kind, views = "atoms", ((ra, None, None), (rb, None, None))
             source_side = (src, "atoms", None)
         else:
-            (ia, na, _), (ib, nb, _) = feats[src], feats[tgt]
+            (ia, na), (ib, nb) = feats[src], feats[tgt]
             ra, rb = np.flatnonzero(np.isin(ia, common)), np.flatnonzero(np.isin(ib, common))
             labels = subset_of.loc[ia[ra]].to_numpy()
             train, test = paper_split(len(ra), structure_n_test(len(ra), a.n_test), seed=seed,
                                       labels=labels if d.subset_key else None)
             groups = {"subset": labels[test]}
             summed = comparison.features == "sum"
-            refs = (f_refs[src], f_refs[tgt])
+            kind = "cumulants"
             views = ((ra, comparison.columns(latents[src].width, 0), na[ra] if summed else None),
                      (rb, comparison.columns(latents[tgt].width, 1), nb[rb] if summed else None))
             source_side = (src, comparison.features, comparison.source_order)
         # fits with the same source side, rows and split share one task
         key = (d.name, *sides[source_side[0]], *source_side[1:], seed,
                hashlib.sha256(ra.tobytes()).hexdigest())
-        shared = (refs[0], views[0], train, test, groups)
-        return _Launch(lambda metrics: fits.add(key, shared, refs[1], views[1], metrics),
-                       {"n_train": len(train), "n_test": len(test)})
+        return _Launch(lambda metrics: fits.add(
+            key, (ref(src, kind), views[0], train, test, groups), ref(tgt, kind), views[1],
+            metrics), {"n_train": len(train), "n_test": len(test)})
 
     return launch
 

@@ -148,6 +148,7 @@ def run_analysis(config: Config, store: Store, extraction: ExtractionSummary, lo
         log("fits", f"{len(jobs)} fits: {len(jobs) - len(pending)} already done (inputs "
                     f"unchanged), {len(pending)} to run")
         info["fits_run"], info["fits_reused"] = len(pending), len(jobs) - len(pending)
+        info["in_memory_sides_read"] = fits.sides_read
         while pending:
             _, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(jobs) // 8)))
             log("fits", f"{len(jobs) - len(pending)}/{len(jobs)} fits done "
