@@ -44,7 +44,7 @@ family-envs: $(FAMILY_ENVS:%=.venv-%/.ready)
 
 venv: $(VENV)/.ready
 
-demo: $(VENV)/.ready
+demo: $(VENV)/.ready .venv-diep/.ready
 	$(BIN)/latentray run $(CONFIG)
 
 # headless Chromium for the report test: Debian's package, installed where this can (root with

@@ -51,6 +51,8 @@ class ModelConfig:
     modality: str | None = None
     options: dict = field(default_factory=dict)  # family-specific loader options
     parent: str | None = None  # the id of the model this one was fine-tuned from (the report)
+    trained_on: str | None = None  # its training data in your words, e.g. "MPtrj (PBE)": the
+    # report compares each set of models trained on the same data with the others
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,9 @@ def parse_config(raw: dict, source: str = "<dict>") -> Config:
         _check(m.parent is None or (m.parent in ids and m.parent != m.id),
                f"{source}: models[{i}] ({m.id}).parent: the id of another model of this "
                f"config, got {m.parent!r}")
+        _check(m.trained_on is None or (isinstance(m.trained_on, str) and m.trained_on.strip()),
+               f"{source}: models[{i}] ({m.id}).trained_on: a name of its training data, "
+               f"got {m.trained_on!r}")
     _check(INPUT not in ids, f"{source}: model id {INPUT!r} is reserved (failures/ of the "
                              f"frames that could not be read)")
 

@@ -17,10 +17,15 @@ def demo() -> dict:
 def test_demo_config_is_valid():
     config = load_config(ROOT / "jobs/configs/demo.yaml")
     assert [m.id for m in config.models][:2] == ["chgnet-0.3.0", "chgnet-0.2.0"]
-    assert len(config.models) == 7
+    assert len(config.models) == 8
     assert config.datasets[0].path == "builtin:mad-val-1000"
     assert config.analyses.order == 2 and config.analyses.n_test == 1000
     assert config.models[6].modality == "PBE"
+    # DIEP (MatPES r2SCAN) in its own environment, which `make demo` builds
+    assert (config.models[7].family, config.models[7].trained_on) == ("diep", "MatPES (r2SCAN)")
+    assert config.environments == {"diep": {"python": ".venv-diep/bin/python"}}
+    assert ".venv-diep/.ready" in next(line for line in (ROOT / "Makefile").read_text()
+                                       .splitlines() if line.startswith("demo:"))
 
 
 def test_output_override(tmp_path):
@@ -42,6 +47,8 @@ def test_output_override(tmp_path):
     (lambda c: c["extraction"].update(batch_atoms=0), "extraction.batch_atoms: must be a positive"),
     (lambda c: c["models"][0].update(dtype="float16"), "dtype: 'float16' is not one of ['float32', 'float64']"),
     (lambda c: c["models"][1].update(id="chgnet-0.3.0"), "model ids repeat"),
+    (lambda c: c["models"][0].update(trained_on=" "), "trained_on: a name of its training data"),
+    (lambda c: c["models"][0].update(trained_on=["MPtrj"]), "trained_on: a name of its training"),
     (lambda c: c.pop("models"), "missing top-level key 'models'"),
     (lambda c: c["models"][0].pop("family"), "models[0]: missing key(s) ['family']"),
 ])

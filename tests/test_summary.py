@@ -1,6 +1,9 @@
 """The report's summary is written from the numbers it is given, and only from them."""
 
+import re
+
 import pandas as pd
+import pytest
 
 from latentray.report.summary import findings
 
@@ -82,3 +85,42 @@ def test_means_do_not_mix_layers_or_datasets():
     assert any(line.startswith("Structure level (cumulants to order 2, layer bb), mean GFRE "
                                "over the pairs 0.642, against 0.442 at atom level")
                for line in one)
+
+
+def test_models_on_other_training_data_are_placed_against_each_set():
+    """A model trained on other data than most is placed against each set of models trained
+    on the same data: the mean over the set of its two directions' mean, computed here from
+    the table with pandas; the nearest set by that mean."""
+    trained_on = {"a1": "MPtrj", "a2": "MPtrj ", "a3": "r2SCAN", "b1": "MatPES"}
+    lines = findings(table(VALUES), None, FAMILIES, {}, seed=0, trained_on=trained_on)
+    df = table(VALUES)
+
+    def mean_to(m, others):
+        both = df[((df.source == m) & df.target.isin(others))
+                  | (df.source.isin(others) & (df.target == m))]
+        return both.value.mean()  # each other model twice, once per direction
+
+    placed = [line for line in lines if line.startswith("Training data")]
+    head = "Training data (atom level, layer bb): "
+    expected = [
+        (f"{head}a3 (trained on r2SCAN) is at mean GFRE {{}} from the models trained on MPtrj "
+         "(a1, a2), {} from the models trained on MatPES (b1) (both directions): nearest to "
+         "those trained on MPtrj.", [mean_to("a3", ["a1", "a2"]), mean_to("a3", ["b1"])]),
+        (f"{head}b1 (trained on MatPES) is at mean GFRE {{}} from the models trained on MPtrj "
+         "(a1, a2), {} from the models trained on r2SCAN (a3) (both directions): nearest to "
+         "those trained on r2SCAN.", [mean_to("b1", ["a1", "a2"]), mean_to("b1", ["a3"])])]
+    assert len(placed) == len(expected)
+    for line, (template, means) in zip(placed, expected):
+        printed = [float(x) for x in re.findall(r"GFRE (\d\.\d{3})|, (\d\.\d{3}) from", line)
+                   for x in x if x]
+        assert printed == pytest.approx(means, abs=5e-4 + 1e-12)
+        assert line == template.format(*(f"{x:.3f}" for x in printed))
+    # one training set, or none named: no such sentence; two sets of the same size: every
+    # model is placed
+    for same in ({m: "MPtrj" for m in FAMILIES}, {}):
+        assert not [line for line in findings(table(VALUES), None, FAMILIES, {}, seed=0,
+                                              trained_on=same) if "Training data" in line]
+    tie = {"a1": "MPtrj", "a2": "MPtrj", "a3": "MatPES", "b1": "MatPES"}
+    assert [line.split(": ")[1].split(" ")[0] for line in findings(
+        table(VALUES), None, FAMILIES, {}, seed=0, trained_on=tie)
+        if line.startswith("Training data")] == ["a1", "a2", "a3", "b1"]

@@ -120,6 +120,7 @@ def write_report(config: Config, store: Store, analysis_info: dict, provenance: 
     models = [m.id for m in config.models]
     families = {m.id: m.family for m in config.models}
     parents = {m.id: m.parent for m in config.models if m.parent}
+    trained_on = {m.id: m.trained_on for m in config.models if m.trained_on}
     seed = config.analyses.seed
     written: list[str] = []
     is_layer = results.layers == LAYER_ANALYSIS
@@ -205,6 +206,7 @@ def write_report(config: Config, store: Store, analysis_info: dict, provenance: 
     prov_models = pd.DataFrame([{
         "model": p["id"], "family": p["family"], "checkpoint": p["checkpoint"]
         + (f" ({p['modality']})" if p["modality"] else ""),
+        "trained on": trained_on.get(p["id"], ""),
         "fine-tuned from": parents.get(p["id"], ""),
         "package": p["family_package_version"], "layers": ", ".join(
             f"{k}[{v}]" for k, v in p["layers"].items()),
@@ -212,7 +214,7 @@ def write_report(config: Config, store: Store, analysis_info: dict, provenance: 
     datasets = pd.DataFrame([{"dataset": k, **v} for k, v in provenance["datasets"].items()])
     versions = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items())
     groups = _read_results(store, "by_group")
-    summary = findings(results, groups, families, parents, seed)
+    summary = findings(results, groups, families, parents, seed, trained_on=trained_on)
     store.write_bytes(store.path("results", "summary.md"),
                       ("".join(f"- {line}\n" for line in summary)).encode())
     summary_html = ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary)

@@ -23,9 +23,43 @@ def _range(values) -> str:
         f"{_f(min(values))}-{_f(max(values))}"
 
 
+def _training_data(value: dict, trained_on: dict[str, str], name: str, where: str) -> list[str]:
+    """Per model trained on other data than most (every model when no set is the largest
+    alone), its distance to each set of models trained on the same data as one another: the
+    mean over those models of its two directions' mean."""
+    sets: dict[str, list[str]] = {}
+    for model, data in trained_on.items():
+        sets.setdefault(data.strip(), []).append(model)
+    if len(sets) < 2:
+        return []
+    sizes = sorted((len(models) for models in sets.values()), reverse=True)
+    common = max(sets, key=lambda data: len(sets[data])) if sizes[0] > sizes[1] else None
+    out = []
+    for data, members in sets.items():
+        if data == common:
+            continue
+        for m in members:
+            far = []
+            for other, models in sets.items():
+                both = [o for o in models if o != m and (m, o) in value and (o, m) in value]
+                if both:
+                    far.append((float(np.mean([(value[m, o] + value[o, m]) / 2 for o in both])),
+                                other, both))
+            if len(far) < 2:
+                continue
+            nearest = min(far)[1]
+            out.append(f"Training data ({where}): {m} (trained on {data}) is at mean {name} "
+                       + ", ".join(f"{_f(v)} from the models trained on {other} "
+                                   f"({', '.join(both)})" for v, other, both in far)
+                       + f" (both directions): nearest to those trained on {nearest}.")
+    return out
+
+
 def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[str, str],
-             parents: dict[str, str], seed: int, metric: str = "gfre") -> list[str]:
-    """The summary's sentences (see the module docstring)."""
+             parents: dict[str, str], seed: int, metric: str = "gfre",
+             trained_on: dict[str, str] | None = None) -> list[str]:
+    """The summary's sentences (see the module docstring). ``trained_on``: model -> its
+    training data, as the config names it."""
     r = results[(results.seed == seed) & (results.metric == metric)]
     name = metric.upper()
     out: list[str] = []
@@ -80,6 +114,8 @@ def findings(results: pd.DataFrame, groups: pd.DataFrame | None, families: dict[
                              + ", ".join(f"{m} ({_f(value[m, parent])} and "
                                          f"{_f(value[parent, m])})" for m in siblings))
                 out.append(text + ".")
+            out += _training_data(value, trained_on or {}, name,
+                                  f"atom level, layer {layer}")
     cum = levels[(levels.level == "structure") & (levels.features == "cumulants")]
     atoms = levels[levels.level == "atom"]
     if len(cum) and len(atoms):
