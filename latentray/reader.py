@@ -95,15 +95,18 @@ class Run:
         return table
 
     def latents(self, dataset: str, model: str, layer: str,
-                shards: int | None = None) -> AtomRows:
-        """A model's layer on a dataset as a matrix, a row per atom in dataset order."""
-        table = self.latents_table(dataset, model, layer, shards=shards)
+                shards: int | None = None, features: bool = True) -> AtomRows:
+        """A model's layer on a dataset as a matrix, a row per atom in dataset order
+        (``features=False``: the rows' ids only, ``X`` and ``structure_id`` None)."""
+        columns = None if features else ["structure_index", "atom_index", "Z"]
+        table = self.latents_table(dataset, model, layer, shards=shards, columns=columns)
         table = table.sort_by([("structure_index", "ascending"), ("atom_index", "ascending")])
         width = int(table.schema.metadata[b"latentray.width"])
-        return AtomRows(structure_id=_strings(table["structure_id"]),
+        return AtomRows(structure_id=_strings(table["structure_id"]) if features else None,
                         structure_index=table["structure_index"].to_numpy(),
                         atom_index=table["atom_index"].to_numpy(), Z=table["Z"].to_numpy(),
-                        X=features_matrix(table["features"], width), width=width)
+                        X=features_matrix(table["features"], width) if features else None,
+                        width=width)
 
     # -- per structure -----------------------------------------------------------------
     def cumulants_table(self, dataset: str, model: str, layer: str, order: int, shards,

@@ -35,7 +35,7 @@ from ..method.reconstruction import (
 from ..method.splits import SplitError, paper_split, structure_n_test
 from ..method.streaming import (HashSplit, all_pairs_at_scale, linear_cka,
                                 reconstruction_at_scale)
-from ..reader import AtomRows, Run
+from ..reader import Run
 from ..store import Store, features_matrix
 from .blocks import ModelSides, PairSource
 from .executors import RayExecutor
@@ -181,17 +181,6 @@ class InMemoryFits:
         self._groups = {}
 
 
-def _atom_ids(run: Run, dataset: str, model: str, layer: str, n_shards: int) -> AtomRows:
-    """A side's atom rows in dataset order as :meth:`Run.latents` gives them, without the
-    features (``X`` is None)."""
-    table = run.latents_table(dataset, model, layer, shards=n_shards,
-                              columns=["structure_index", "atom_index", "Z"])
-    table = table.sort_by([("structure_index", "ascending"), ("atom_index", "ascending")])
-    return AtomRows(structure_id=None, structure_index=table["structure_index"].to_numpy(),
-                    atom_index=table["atom_index"].to_numpy(), Z=table["Z"].to_numpy(), X=None,
-                    width=int(table.schema.metadata[b"latentray.width"]))
-
-
 def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_shards: int,
                          a, fits: InMemoryFits, log, structure: bool = True):
     """Read the row ids of every side's latents (and, with ``structure``, cumulants), a side
@@ -202,7 +191,7 @@ def _in_memory_launchers(store: Store, d, sides: dict[str, tuple[str, str]], n_s
     import ray
 
     run = Run(store)
-    latents = {label: _atom_ids(run, d.name, m, layer, n_shards)
+    latents = {label: run.latents(d.name, m, layer, n_shards, features=False)
                for label, (m, layer) in sides.items()}
     structures = run.structures(d.name, ["structure_index", "subset"]).to_pandas()
     subset_of = structures.set_index("structure_index")["subset"]
