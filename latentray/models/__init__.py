@@ -22,6 +22,7 @@ BUILTIN_FAMILIES = {
     "mattersim": "latentray.models.mattersim:MatterSimAdapter",
     "uma": "latentray.models.uma:UMAAdapter",
     "diep": "latentray.models.diep:DIEPAdapter",
+    "hienet": "latentray.models.hienet:HIENetAdapter",
 }
 
 
