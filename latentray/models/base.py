@@ -30,6 +30,11 @@ class StructureError(ValueError):
     """A structure that this model cannot process (the reason is the message)."""
 
 
+class StopForward(Exception):
+    """Raised by the forward hook of the last requested layer to end a model's forward pass
+    there (the adapter catches it; nothing after that layer runs)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What an adapter reports about its checkpoint."""

@@ -30,13 +30,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..geometry import MIN_CELL_VOLUME
-from .base import ModelAdapter, StructureError, check_geometry
+from .base import ModelAdapter, StopForward, StructureError, check_geometry
 from .cells import cell_for_open_axes
 
 PACKAGED = ("0.3.0", "0.2.0", "r2scan")
-
-class _Stop(Exception):
-    """Raised by the hook of the last requested layer to end the forward pass."""
 
 
 def _from_file(cls: Any, path: str) -> Any:
@@ -212,12 +209,12 @@ class CHGNetAdapter(ModelAdapter):
                 def hook(module, args, output):
                     captured[name] = output
                     if name == last:
-                        raise _Stop
+                        raise StopForward
             else:
                 def hook(module, args):
                     captured[name] = args[0]
                     if name == last:
-                        raise _Stop
+                        raise StopForward
             return hook
 
         try:
@@ -231,7 +228,7 @@ class CHGNetAdapter(ModelAdapter):
             with torch.inference_mode():
                 try:
                     self.model(graphs, task="e")
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             for handle in handles:

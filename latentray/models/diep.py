@@ -58,7 +58,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..geometry import MIN_CELL_VOLUME
-from .base import ModelAdapter, check_geometry, file_sha256
+from .base import ModelAdapter, StopForward, check_geometry, file_sha256
 from .cells import with_open_axis_vectors
 
 # the models the diep package ships: name -> folder under diep/pretrained_models
@@ -75,10 +75,6 @@ def folder_sha256(folder: Path) -> str:
     for name in _FILES:
         digest.update(f"{name}\0{file_sha256(folder / name)}\n".encode())
     return digest.hexdigest()
-
-
-class _Stop(Exception):
-    """Raised by the hook of the last requested layer to end the forward pass."""
 
 
 def _last_linear(sequence: Any) -> Any:
@@ -175,7 +171,7 @@ class DIEPAdapter(ModelAdapter):
             captured[name] = value
             done = last in captured or (last == "ll" and {"ll_l", "ll_g"} <= set(captured))
             if done:
-                raise _Stop
+                raise StopForward
 
         hooks = []
         try:
@@ -194,7 +190,7 @@ class DIEPAdapter(ModelAdapter):
             with torch.inference_mode():
                 try:
                     self.potential(batch, batch.lattice, None)
-                except _Stop:
+                except StopForward:
                     pass
         finally:
             for hook in hooks:
