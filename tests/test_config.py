@@ -17,12 +17,12 @@ def demo() -> dict:
 def test_demo_config_is_valid():
     config = load_config(ROOT / "jobs/configs/demo.yaml")
     assert [m.id for m in config.models][:2] == ["chgnet-0.3.0", "chgnet-0.2.0"]
-    assert len(config.models) == 8
+    assert len(config.models) == 9
     assert config.datasets[0].path == "builtin:mad-val-1000"
     assert config.analyses.order == 2 and config.analyses.n_test == 1000
-    assert config.models[6].modality == "PBE"
+    assert [m.modality for m in config.models[6:8]] == ["PBE", "R2SCAN"]
     # DIEP (MatPES r2SCAN) in its own environment, which `make demo` builds
-    assert (config.models[7].family, config.models[7].trained_on) == ("diep", "MatPES (r2SCAN)")
+    assert (config.models[8].family, config.models[8].trained_on) == ("diep", "MatPES (r2SCAN)")
     assert config.environments == {"diep": {"python": ".venv-diep/bin/python"}}
     assert ".venv-diep/.ready" in next(line for line in (ROOT / "Makefile").read_text()
                                        .splitlines() if line.startswith("demo:"))
@@ -66,6 +66,18 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("output: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(path)
+
+
+def test_the_mad_1000_config_runs_every_packaged_model():
+    """Every checkpoint the demo runs, SevenNet-MF-0's both heads, and HIENet-0, with DIEP and
+    HIENet in the environments `make family-envs` builds."""
+    config = load_config(ROOT / "jobs/configs/mad-1000.yaml")
+    demo_models = {(m.family, m.checkpoint, m.modality)
+                   for m in load_config(ROOT / "jobs/configs/demo.yaml").models}
+    checkpoints = {(m.family, m.checkpoint, m.modality) for m in config.models}
+    assert checkpoints == demo_models | {("hienet", "HIENet-0", None)}
+    assert config.environments == {"diep": {"python": ".venv-diep/bin/python"},
+                                   "hienet": {"python": ".venv-hienet/bin/python"}}
 
 
 def test_the_mptrj_config_runs_every_packaged_model_on_gpus():
