@@ -124,3 +124,24 @@ def test_models_on_other_training_data_are_placed_against_each_set():
     assert [line.split(": ")[1].split(" ")[0] for line in findings(
         table(VALUES), None, FAMILIES, {}, seed=0, trained_on=tie)
         if line.startswith("Training data")] == ["a1", "a2", "a3", "b1"]
+
+
+def test_a_heatmaps_colour_scale_stops_below_a_far_outlier():
+    """The demo's atom-level LFRE: 71 pairs between 0.117 and 0.436 and DIEP -> SevenNet-MF-0
+    r2SCAN at 5.479 (one P test atom's local fit, pointwise 173). The colour scale ends at
+    0.436; without the outlier it ends at the largest value, and a NaN diagonal is ignored."""
+    import numpy as np
+
+    from latentray.report.figures import color_limit, heatmap_png
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([[0.117, 0.436], rng.uniform(0.117, 0.436, 69), [5.479]])
+    matrix = np.full((9, 9), np.nan)
+    matrix[~np.eye(9, dtype=bool)] = values
+    assert color_limit(matrix) == 0.436
+    matrix[matrix == 5.479] = 0.3
+    assert color_limit(matrix) == 0.436
+    matrix[matrix == 0.436] = 0.2
+    assert color_limit(matrix) == np.nanmax(matrix)
+    names = [f"m{i}" for i in range(9)]
+    assert heatmap_png(pd.DataFrame(matrix, index=names, columns=names), "t")[:4] == b"\x89PNG"

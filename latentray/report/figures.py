@@ -30,14 +30,28 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def color_limit(values: np.ndarray) -> float:
+    """The top of a heatmap's colour scale: the largest value, unless some lie beyond Tukey's
+    far-out fence ``Q3 + 3 (Q3 - Q1)`` of the finite values; then the largest value within
+    it, so that one outlier (an LFRE that a single test atom dominates, say) does not wash
+    the other cells into one colour. Cells above it take the top colour and keep their
+    number."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return 1.0
+    q1, q3 = np.percentile(finite, [25, 75])
+    inside = finite[finite <= q3 + 3 * (q3 - q1)]
+    return float(inside.max() if inside.size else finite.max())
+
+
 def heatmap_png(matrix: pd.DataFrame, title: str, spread: pd.DataFrame | None = None) -> bytes:
-    """A source x target heatmap with the value (and +- its spread over seeds) in every cell."""
+    """A source x target heatmap with the value (and +- its spread over seeds) in every cell;
+    the colour scale stops below far outliers (:func:`color_limit`)."""
     plt = _pyplot()
     n = len(matrix)
     fig, ax = plt.subplots(figsize=(max(5.5, 1.8 + 0.85 * n), max(4.5, 1.4 + 0.75 * n)), dpi=110)
     values = matrix.to_numpy(dtype=float)
-    finite = values[np.isfinite(values)]
-    vmax = float(finite.max()) if finite.size else 1.0
+    vmax = color_limit(values)
     im = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax)
     ax.set_xticks(range(n), matrix.columns, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), matrix.index, fontsize=8)
@@ -53,7 +67,9 @@ def heatmap_png(matrix: pd.DataFrame, title: str, spread: pd.DataFrame | None = 
                 ax.text(j, i, text, ha="center", va="center", fontsize=7,
                         color="white" if v < 0.6 * vmax else "black")
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    beyond = bool(np.any(values[np.isfinite(values)] > vmax))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max" if beyond else "neither",
+                 label=f"values above {vmax:.3f}: the top colour" if beyond else None)
     fig.tight_layout()
     return _png(fig)
 
