@@ -100,6 +100,22 @@ def write_structures(directory: Path, n_mad: int, n_large: int) -> dict[str, Pat
 # the measurements, each in a child process
 
 
+def _calculator_loop(calc, frames, features: list) -> float:
+    """Seconds of an ASE calculator's energy, forces and stress, one structure at a time,
+    after one warm-up structure (whose hooked features are then dropped)."""
+    frames[0].calc = calc
+    frames[0].get_potential_energy()  # warm-up
+    calc.reset()  # else the first structure's results are cached, not computed again
+    features.clear()
+    t = time.perf_counter()
+    for atoms in frames:
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        atoms.get_forces()
+        atoms.get_stress()
+    return time.perf_counter() - t
+
+
 def own_api(family: str, checkpoint: str, path: Path, threads: int | None,
             as_list: bool = False) -> dict:
     """(a) the model's public API, one structure at a time (CHGNet with ``as_list``: the
@@ -133,17 +149,7 @@ def own_api(family: str, checkpoint: str, path: Path, threads: int | None,
         gates = [k for k in calc.model._modules if k.endswith("_equivariant_gate")]
         calc.model._modules[gates[-1]].register_forward_hook(
             lambda module, args, out: features.append(out["x"][:, :128].detach().numpy()))
-        frames[0].calc = calc
-        frames[0].get_potential_energy()  # warm-up
-        calc.reset()  # else the first structure's results are cached, not computed again
-        features.clear()
-        t = time.perf_counter()
-        for atoms in frames:
-            atoms.calc = calc
-            atoms.get_potential_energy()
-            atoms.get_forces()
-            atoms.get_stress()
-        seconds = time.perf_counter() - t
+        seconds = _calculator_loop(calc, frames, features)
     elif family in ("diep", "hienet"):
         if family == "diep":
             from diep.pretrained import make_calculator
@@ -159,17 +165,7 @@ def own_api(family: str, checkpoint: str, path: Path, threads: int | None,
             gates = [k for k in calc.model._modules if k.endswith("_equivariant_gate")]
             calc.model._modules[gates[-1]].register_forward_hook(
                 lambda module, args, out: features.append(out["x"].detach().clone().numpy()))
-        frames[0].calc = calc
-        frames[0].get_potential_energy()  # warm-up
-        calc.reset()
-        features.clear()
-        t = time.perf_counter()
-        for atoms in frames:
-            atoms.calc = calc
-            atoms.get_potential_energy()
-            atoms.get_forces()
-            atoms.get_stress()
-        seconds = time.perf_counter() - t
+        seconds = _calculator_loop(calc, frames, features)
     else:
         raise ValueError(f"no own-API loop for family {family!r}")
     n_atoms = sum(len(a) for a in frames)
