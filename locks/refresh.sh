@@ -38,7 +38,7 @@ done
 # hienet: torch-scatter is a source archive whose build imports torch: built against this
 # environment's torch (no build isolation) into .wheels/, as the Makefile builds it
 "$PYTHON" -m venv "$WORK/hienet"
-pip_in hienet install torch==2.13.0
+pip_in hienet install torch==2.13.0 wheel  # wheel: bdist_wheel for the venv's setuptools
 pip_in hienet wheel --no-build-isolation --no-deps torch-scatter -w .wheels
 pip_in hienet install --find-links .wheels -e ".[hienet]" "ray[default]==$RAY"
 freeze hienet .venv-hienet hienet hienet
