@@ -20,6 +20,18 @@ For each N, in a fresh work directory, as a user of ``jobs/configs/mptrj.yaml`` 
 The job's maps (Ray tasks beside the cumulants of the next layer and the fits) have no stage
 of their own: their time is in the stages they run beside.
 
+A JSON is deleted once it is prepared (at 1e6 each is about 12 GB; the prepared Parquet is what
+the runs read), and the grown one is written only when its step comes.
+
+A rehearsal at 1e6 takes hours: ``--json FILE`` is rewritten after every step, and
+``--resume --workdir DIR`` goes on from the steps that FILE records (for each N, in DIR's kept
+work folder): steps done are not run again; a step that began and did not end (the process was
+stopped) is run again from the outputs it left, and its record says so
+(``"interrupted_before": [start times]``): a ``latentray run`` resumed that way reuses the
+units, cumulants and fits its first attempt finished, so its time is not a first run's. Every
+step records its Unix ``started`` and ``ended``, and its progress lines go to
+``DIR/n<N>-m<M>/logs/<step>.log`` as they come.
+
 Every command is a child process, watched every 0.2 s with its whole process tree (the local
 Ray cluster it starts and its workers): the driver's resident memory, attributed to the stage
 named by the driver's last progress line, and every other process's peak. Per command and
@@ -67,10 +79,11 @@ def standin_checkpoints(folder: Path, n_models: int) -> list[dict]:
     models = []
     for i in range(n_models):
         family, seed = ("chgnet", "sevenn")[i % 2], i // 2
-        if family == "chgnet":
-            path = standin_models.build_chgnet(folder / f"chgnet-small-{seed}.pth.tar", seed)
-        else:
-            path = standin_models.build_sevennet(folder / f"sevennet-small-{seed}.pth", seed)
+        path, build = ((folder / f"chgnet-small-{seed}.pth.tar", standin_models.build_chgnet)
+                       if family == "chgnet" else
+                       (folder / f"sevennet-small-{seed}.pth", standin_models.build_sevennet))
+        if not path.exists():  # a resumed rehearsal keeps the files its outputs were made by
+            build(path, seed)
         models.append({"id": f"{family}-small-{seed}", "family": family,
                        "checkpoint": str(path), "layers": ["all"]})
     return models
@@ -107,8 +120,8 @@ def _tree_bytes(folder: Path) -> tuple[dict[str, int], dict[str, int]]:
 class Watch:
     """Run a command; sample its process tree's memory every ``period`` s."""
 
-    def __init__(self, command: list[str], period: float = 0.2):
-        self.command, self.period = command, period
+    def __init__(self, command: list[str], period: float = 0.2, progress: Path | None = None):
+        self.command, self.period, self.progress = command, period, progress
         self.driver: list[tuple[float, float]] = []  # (Unix time, MB)
         self.others_peak: dict[int, float] = {}  # pid -> MB
         self.names: dict[int, str] = {}  # pid -> process title (Ray names its workers)
@@ -140,8 +153,11 @@ class Watch:
         self._running = True
         sampler = threading.Thread(target=self._sample, args=(psutil.Process(popen.pid),))
         sampler.start()
-        for line in popen.stdout:
-            self.lines.append(line.rstrip())
+        with open(self.progress or os.devnull, "a") as progress:
+            for line in popen.stdout:
+                self.lines.append(line.rstrip())
+                progress.write(line)
+                progress.flush()
         rc = popen.wait()
         self._running = False
         sampler.join()
@@ -158,10 +174,12 @@ class Watch:
         return peak
 
 
-def timed_command(name: str, command: list[str], output: Path, log) -> dict:
-    """Run one command; what it cost, per stage when it is a ``latentray run``."""
+def timed_command(name: str, command: list[str], output: Path, log,
+                  progress: Path | None = None) -> dict:
+    """Run one command; what it cost, per stage when it is a ``latentray run``. ``progress``:
+    a file that gets the command's output lines as they come."""
     before_size, before_count = _tree_bytes(output)
-    watch = Watch(command)
+    watch = Watch(command, progress=progress)
     rc, wall = watch.run()
     if rc not in (0, 1) or (rc == 1 and command[1] != "status"):
         sys.stdout.write("\n".join(watch.lines[-40:]) + "\n")
@@ -203,39 +221,90 @@ def timed_command(name: str, command: list[str], output: Path, log) -> dict:
     return record
 
 
-def rehearse(n: int, n_models: int, work: Path, log) -> dict:
-    """Every step of the rehearsal at ``n`` structures, in ``work``."""
-    work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"structures": n, "models": n_models}
+class Steps:
+    """The steps of one rehearsal, each run once: ``result["steps"]`` gets each step's record
+    when it ends, and ``save()`` writes the whole report then and when a step begins. A step
+    found begun and not ended (``result["running"]``: its start times) was stopped: it runs
+    again, and its record lists the earlier starts as ``interrupted_before``."""
+
+    def __init__(self, result: dict, save, log):
+        self.result, self.save, self.log = result, save, log
+        self.done = result.setdefault("steps", {})
+        self.running = result.setdefault("running", {})
+
+    def __call__(self, key: str, step) -> dict | None:
+        """Run ``step()`` (which returns its record) unless ``key`` is done."""
+        if key in self.done:
+            self.log(f"  {key}: done before, not run again")
+            return None
+        earlier = self.running.get(key, [])
+        started = time.time()
+        self.running[key] = [*earlier, round(started, 3)]
+        self.save()
+        record = step()
+        record.update(started=round(started, 3), ended=round(time.time(), 3))
+        if earlier:
+            record["interrupted_before"] = earlier
+        self.done[key] = record
+        del self.running[key]
+        self.save()
+        return record
+
+
+def _generate(path: Path, n: int) -> dict:
     t = time.perf_counter()
-    data = mptrj_like.write(work / "mptrj-like.json", n)
+    data = mptrj_like.write(path, n)
+    return dict(data, generate_seconds=round(time.perf_counter() - t, 1))
+
+
+def rehearse(n: int, n_models: int, work: Path, log, result: dict | None = None,
+             save=lambda: None) -> dict:
+    """Every step of the rehearsal at ``n`` structures, in ``work``. ``result``: what an
+    earlier, stopped call recorded (its steps are not run again); ``save()`` is called
+    whenever it changes."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    result = {"structures": n, "models": n_models} if result is None else result
+    step = Steps(result, save, log)
     grown_n = n + math.ceil(n / 100)
-    mptrj_like.write(work / "mptrj-like-grown.json", grown_n)
-    result["data"] = data
-    result["generate_seconds"] = round(time.perf_counter() - t, 1)
-    models = standin_checkpoints(work / "checkpoints", n_models)
+    data_file, grown_file = work / "mptrj-like.json", work / "mptrj-like-grown.json"
+    models = standin_checkpoints(work / "checkpoints", n_models)  # the same seeds each time
     prepared, output = work / "prepared", work / "out"
     config = work / "config.yaml"
     write_config(config, prepared, output, models)
     latentray = str(BIN / "latentray")
 
-    def prepare(json_file: Path) -> list[str]:
-        return [latentray, "prepare", str(json_file), "--name", "mptrj", "--subset-key",
-                "n_elements", "--shard-size", str(SHARD_SIZE), "--output", str(prepared)]
+    def prepare(json_file: Path) -> dict:
+        record = timed_command(
+            f"prepare, {json_file.name}",
+            [latentray, "prepare", str(json_file), "--name", "mptrj", "--subset-key",
+             "n_elements", "--shard-size", str(SHARD_SIZE), "--output", str(prepared)],
+            prepared, log, work / "logs" / f"prepare-{json_file.stem}.log")
+        json_file.unlink()  # the prepared Parquet is what the runs read
+        return record
 
-    steps = result["steps"] = {}
-    log(f"N = {n}: {data['atoms']} atoms, {n_models} models, in {work}")
-    steps["prepare"] = timed_command("prepare", prepare(work / "mptrj-like.json"), prepared, log)
-    steps["run"] = timed_command("run", [latentray, "run", str(config)], output, log)
-    steps["rerun_unchanged"] = timed_command("re-run, unchanged", [latentray, "run", str(config)],
-                                             output, log)
-    steps["prepare_grown"] = timed_command(f"prepare, {grown_n} structures",
-                                           prepare(work / "mptrj-like-grown.json"), prepared, log)
-    steps["rerun_grown"] = timed_command("re-run, 1% new", [latentray, "run", str(config)],
-                                         output, log)
-    steps["status"] = timed_command("status", [latentray, "status", str(output)], output, log)
-    first = steps["run"]["wall_seconds"]
-    result["rerun_unchanged_fraction"] = round(steps["rerun_unchanged"]["wall_seconds"] / first, 4)
+    def run(name: str, key: str) -> dict:
+        return timed_command(name, [latentray, "run", str(config)], output, log,
+                             work / "logs" / f"{key}.log")
+
+    log(f"N = {n}: {n_models} models, in {work}")
+    if step("generate", lambda: _generate(data_file, n)):
+        result["data"] = step.done["generate"]
+        log(f"  generated: {result['data']['atoms']} atoms")
+    step("prepare", lambda: prepare(data_file))
+    step("run", lambda: run("run", "run"))
+    step("rerun_unchanged", lambda: run("re-run, unchanged", "rerun_unchanged"))
+    step("generate_grown", lambda: _generate(grown_file, grown_n))
+    step("prepare_grown", lambda: prepare(grown_file))
+    step("rerun_grown", lambda: run("re-run, 1% new", "rerun_grown"))
+    step("status", lambda: timed_command("status", [latentray, "status", str(output)], output,
+                                         log, work / "logs" / "status.log"))
+    steps = result["steps"]
+    result["generate_seconds"] = round(steps["generate"]["generate_seconds"]
+                                       + steps["generate_grown"]["generate_seconds"], 1)
+    result["rerun_unchanged_fraction"] = round(
+        steps["rerun_unchanged"]["wall_seconds"] / steps["run"]["wall_seconds"], 4)
+    save()
     return result
 
 
@@ -247,28 +316,48 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the data and outputs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folders")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the steps that --json records, in --workdir's kept "
+                             "work folders (implies --keep)")
     args = parser.parse_args(argv)
+    if args.resume and (args.workdir is None or not args.json.exists()):
+        parser.error("--resume needs --workdir and an existing --json")
+    keep = args.keep or args.resume
     base = args.workdir or Path(tempfile.mkdtemp(prefix="latentray-rehearsal-"))
     import latentray
     import ray
 
-    report = {"machine": describe(latentray=latentray.__version__, ray=ray.__version__),
-              "shard_size": SHARD_SIZE, "runs": []}
+    machine = describe(latentray=latentray.__version__, ray=ray.__version__)
+    if args.resume:
+        report = json.loads(args.json.read_text())
+        report.setdefault("resumed_on", []).append(machine)
+    else:
+        report = {"machine": machine, "shard_size": SHARD_SIZE, "runs": []}
+
+    def save() -> None:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.json)
+
     t = time.perf_counter()
     for n in args.structures:
         work = base / f"n{n}-m{args.models}"
-        if work.exists():
-            shutil.rmtree(work)
+        earlier = next((r for r in report["runs"]
+                        if (r["structures"], r["models"]) == (n, args.models)), None)
+        if earlier is None:
+            if work.exists():
+                shutil.rmtree(work)
+            earlier = {"structures": n, "models": args.models}
+            report["runs"].append(earlier)
         try:
-            report["runs"].append(rehearse(n, args.models, work, print))
+            rehearse(n, args.models, work, print, earlier, save)
         finally:
-            if not args.keep:
+            if not keep:
                 shutil.rmtree(work, ignore_errors=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    report["seconds"] = round(time.perf_counter() - t, 1)
-    args.json.write_text(json.dumps(report, indent=1))
+    report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - t, 1)
+    save()
     print(f"{args.json}: {len(report['runs'])} rehearsal(s) in {report['seconds']:.0f} s")
-    if not args.keep and args.workdir is None:
+    if not keep and args.workdir is None:
         os.rmdir(base)
 
 

@@ -103,3 +103,55 @@ def test_stage_times_nest_without_counting_twice(monkeypatch):
     assert [stage for stage, *_ in log.timeline] == ["fits", "analyse"]
     (_, s_in, e_in), (_, s_out, e_out) = log.timeline
     assert s_out <= s_in <= e_in <= e_out
+
+
+def test_a_stopped_rehearsal_goes_on_from_its_recorded_steps(tmp_path, monkeypatch):
+    """``--resume``: steps recorded are not run again, the step that was stopped runs again and
+    says so, each JSON is deleted once prepared, and the report is saved at every step."""
+    rehearsal = _load("rehearsal")
+    calls, saved = [], []
+
+    def generate(path, n):
+        calls.append(("generate", path.name))
+        path.write_text("{}")
+        return {"structures": n, "atoms": 30 * n, "generate_seconds": 0.1}
+
+    def command(name, argv, output, log, progress=None):
+        calls.append((argv[1], Path(argv[2]).name))
+        if name == "re-run, unchanged" and stop["now"]:
+            raise KeyboardInterrupt  # the machine went away mid-step
+        return {"command": argv[1], "wall_seconds": 10.0 if name == "run" else 0.5}
+
+    monkeypatch.setattr(rehearsal, "_generate", generate)
+    monkeypatch.setattr(rehearsal, "timed_command", command)
+    monkeypatch.setattr(rehearsal, "standin_checkpoints", lambda folder, n: [])
+    result, stop = {"structures": 100, "models": 2}, {"now": True}
+
+    def saver(report):
+        return lambda: saved.append(json.loads(json.dumps(report)))
+
+    with pytest.raises(KeyboardInterrupt):
+        rehearsal.rehearse(100, 2, tmp_path, lambda line: None, result, saver(result))
+    assert calls == [("generate", "mptrj-like.json"), ("prepare", "mptrj-like.json"),
+                     ("run", "config.yaml"), ("run", "config.yaml")]
+    assert not (tmp_path / "mptrj-like.json").exists()
+    assert set(saved[-1]["steps"]) == {"generate", "prepare", "run"}
+    assert list(saved[-1]["running"]) == ["rerun_unchanged"]
+    first_start = saved[-1]["running"]["rerun_unchanged"]
+
+    calls.clear()
+    stop["now"] = False
+    resumed = json.loads(json.dumps(saved[-1]))  # what --resume reads back from the JSON
+    rehearsal.rehearse(100, 2, tmp_path, lambda line: None, resumed, saver(resumed))
+    assert calls == [("run", "config.yaml"), ("generate", "mptrj-like-grown.json"),
+                     ("prepare", "mptrj-like-grown.json"), ("run", "config.yaml"),
+                     ("status", "out")]
+    steps = resumed["steps"]
+    assert steps["rerun_unchanged"]["interrupted_before"] == first_start
+    assert "interrupted_before" not in steps["run"]
+    assert resumed["running"] == {}
+    assert resumed["rerun_unchanged_fraction"] == 0.05
+    assert resumed["generate_seconds"] == 0.2
+    assert not (tmp_path / "mptrj-like-grown.json").exists()
+    assert all(s["started"] <= s["ended"] for s in steps.values())
+    assert saved[-1] == resumed
