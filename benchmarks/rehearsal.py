@@ -34,10 +34,16 @@ step records its Unix ``started`` and ``ended``, and its progress lines go to
 
 Every command is a child process, watched every 0.2 s with its whole process tree (the local
 Ray cluster it starts and its workers): the driver's resident memory, attributed to the stage
-named by the driver's last progress line, and every other process's peak. Per command and
-stage: ``seconds`` (the job's own per-stage times, ``run.json``), ``peak_rss_mb`` (the
-driver), ``worker_peak_rss_mb`` (the largest other process of the tree), and per command the
-bytes and files written and what the job ran (units, cumulant shards, fits).
+whose interval (``run.json``'s timeline) holds the sample, and every other process's. Per
+command and stage: ``seconds`` (the job's own per-stage times, ``run.json``), ``peak_rss_mb``
+(the driver), ``worker_peak_rss_mb`` (the largest resident memory of any other process of the
+tree) and ``worker_peak_private_mb`` (the largest of their resident memory less its shared
+pages, psutil's ``shared``: the object store's pages a Ray worker has touched, counted again
+in every worker that touched them, and mapped files), ``shmem_peak_mb`` (the machine's
+shared memory above its level when the command started, ``Shmem`` of ``/proc/meminfo``: on a
+machine that runs nothing else, the object store's pages in use, whatever process touched
+them), and per command ``worker_peak_shared_mb`` and the bytes and files written and what the
+job ran (units, cumulant shards, fits).
 """
 
 from __future__ import annotations
@@ -117,31 +123,59 @@ def _tree_bytes(folder: Path) -> tuple[dict[str, int], dict[str, int]]:
     return size, count
 
 
+def _shmem_mb() -> float:
+    """The machine's shared memory in use (``Shmem`` of ``/proc/meminfo``), MB: where Ray's
+    object store keeps its objects (``/dev/shm``); 0 where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Shmem:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
 class Watch:
     """Run a command; sample its process tree's memory every ``period`` s."""
 
     def __init__(self, command: list[str], period: float = 0.2, progress: Path | None = None):
         self.command, self.period, self.progress = command, period, progress
         self.driver: list[tuple[float, float]] = []  # (Unix time, MB)
-        self.others_peak: dict[int, float] = {}  # pid -> MB
+        # (Unix time, largest resident MB, largest private MB) of the other processes, and
+        # the machine's shared memory above its level at the start (Ray's object store)
+        self.workers: list[tuple[float, float, float, float]] = []
+        self.others_peak: dict[int, float] = {}  # pid -> resident MB
+        self.others_private_peak: dict[int, float] = {}  # pid -> resident less shared, MB
+        self.others_shared_peak: dict[int, float] = {}  # pid -> shared MB
         self.names: dict[int, str] = {}  # pid -> process title (Ray names its workers)
         self.lines: list[str] = []
 
     def _sample(self, proc: psutil.Process) -> None:
+        shmem_at_start = _shmem_mb()
         while self._running:
             try:
-                self.driver.append((time.time(), proc.memory_info().rss / 1e6))
+                now = time.time()
+                self.driver.append((now, proc.memory_info().rss / 1e6))
+                largest, largest_private = 0.0, 0.0
                 for child in proc.children(recursive=True):
                     try:
-                        mb = child.memory_info().rss / 1e6
+                        memory = child.memory_info()
                     except psutil.Error:
                         continue
+                    mb, shared = memory.rss / 1e6, memory.shared / 1e6
+                    largest, largest_private = max(largest, mb), max(largest_private, mb - shared)
+                    for peaks, value in ((self.others_private_peak, mb - shared),
+                                         (self.others_shared_peak, shared)):
+                        peaks[child.pid] = max(peaks.get(child.pid, 0.0), value)
                     if mb > self.others_peak.get(child.pid, 0.0):
                         self.others_peak[child.pid] = mb
                         try:
                             self.names[child.pid] = " ".join(child.cmdline())[:80]
                         except psutil.Error:
                             pass
+                self.workers.append((now, largest, largest_private,
+                                     _shmem_mb() - shmem_at_start))
             except psutil.Error:
                 pass
             time.sleep(self.period)
@@ -163,11 +197,14 @@ class Watch:
         sampler.join()
         return rc, time.perf_counter() - t
 
-    def peak_by_stage(self, timeline: list) -> dict[str, float]:
-        """The driver's peak per stage of ``timeline`` (``(stage, start, end)``; a sample in
-        nested stages counts for the innermost), ``"other"`` outside every stage."""
+    def peak_by_stage(self, timeline: list, samples: list | None = None,
+                      column: int = 1) -> dict[str, float]:
+        """The peak of ``samples`` (default: the driver's; ``(time, value, ...)``, the value
+        in ``column``) per stage of ``timeline`` (``(stage, start, end)``; a sample in nested
+        stages counts for the innermost), ``"other"`` outside every stage."""
         peak: dict[str, float] = {}
-        for t, mb in self.driver:
+        for sample in self.driver if samples is None else samples:
+            t, mb = sample[0], sample[column]
             inside = [(start, stage) for stage, start, end in timeline if start <= t <= end]
             stage = max(inside)[1] if inside else "other"
             peak[stage] = max(peak.get(stage, 0.0), mb)
@@ -188,19 +225,27 @@ def timed_command(name: str, command: list[str], output: Path, log,
     record = {"command": " ".join(command[1:3]), "wall_seconds": round(wall, 2),
               "peak_rss_mb": round(max((mb for _, mb in watch.driver), default=0.0), 1),
               "worker_peak_rss_mb": round(max(watch.others_peak.values(), default=0.0), 1),
+              "worker_peak_private_mb": round(max(watch.others_private_peak.values(),
+                                                  default=0.0), 1),
+              "worker_peak_shared_mb": round(max(watch.others_shared_peak.values(),
+                                                 default=0.0), 1),
+              "shmem_peak_mb": round(max((w[3] for w in watch.workers), default=0.0), 1),
               "largest_worker": watch.names.get(max(watch.others_peak, default=None,
                                                     key=watch.others_peak.get), ""),
               "bytes_written": sum(size.values()) - sum(before_size.values()),
               "files_written": sum(count.values()) - sum(before_count.values())}
     if command[1] == "run":
         summary = json.loads((output / "run.json").read_text())
-        peak = watch.peak_by_stage(summary["timeline"])
-        stages = {}
-        for stage, seconds in summary["seconds"].items():
-            stages[stage] = {"seconds": round(seconds, 2),
-                             "peak_rss_mb": round(peak.get(stage, 0.0), 1)}
-        stages["other"] = {"seconds": round(wall - sum(summary["seconds"].values()), 2),
-                           "peak_rss_mb": round(peak.get("other", 0.0), 1)}
+        peaks = {"peak_rss_mb": watch.peak_by_stage(summary["timeline"]),
+                 "worker_peak_rss_mb": watch.peak_by_stage(summary["timeline"], watch.workers),
+                 "worker_peak_private_mb": watch.peak_by_stage(summary["timeline"],
+                                                               watch.workers, 2),
+                 "shmem_peak_mb": watch.peak_by_stage(summary["timeline"], watch.workers, 3)}
+        seconds = dict(summary["seconds"],
+                       other=wall - sum(summary["seconds"].values()))
+        stages = {stage: {"seconds": round(s, 2),
+                          **{k: round(peak.get(stage, 0.0), 1) for k, peak in peaks.items()}}
+                  for stage, s in seconds.items()}
         for folder in set(size) | set(before_size):
             stage = STAGE_OF_FOLDER.get(folder)
             if stage in stages:
@@ -216,6 +261,8 @@ def timed_command(name: str, command: list[str], output: Path, log,
                                "fits": an["fits_run"], "fits_reused": an["fits_reused"]}
         record["structures"] = ex["structures"]
     log(f"  {name}: {record['wall_seconds']:.1f} s, driver peak {record['peak_rss_mb']:.0f} MB"
+        + f" (largest other process {record['worker_peak_rss_mb']:.0f} MB, "
+          f"{record['worker_peak_private_mb']:.0f} MB private)"
         + "".join(f"; {k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB"
                   for k, v in record.get("stages", {}).items()))
     return record

@@ -155,3 +155,36 @@ def test_a_stopped_rehearsal_goes_on_from_its_recorded_steps(tmp_path, monkeypat
     assert not (tmp_path / "mptrj-like-grown.json").exists()
     assert all(s["started"] <= s["ended"] for s in steps.values())
     assert saved[-1] == resumed
+
+
+def test_workers_private_and_shared_memory_are_told_apart():
+    """The watch's worker memory: a process's own allocations count as private, the shared
+    memory it touches (as a Ray worker touches the object store's pages) as shared, not
+    private; the resident peak holds both."""
+    rehearsal = _load("rehearsal")
+    mb = 300
+    private = (f"import numpy, time; a = numpy.ones({mb} * 2**20 // 8); "
+               f"time.sleep(2); print(a.sum())")
+    shared = (f"import numpy, time\nfrom multiprocessing import shared_memory\n"
+              f"s = shared_memory.SharedMemory(create=True, size={mb} * 2**20)\n"
+              f"numpy.ndarray({mb} * 2**20, numpy.uint8, s.buf)[:] = 1\n"
+              f"time.sleep(2)\ns.close()\ns.unlink()\n")
+    driver = (f"import subprocess, sys\n"
+              f"procs = [subprocess.Popen([sys.executable, '-c', c])\n"
+              f"         for c in ({private!r}, {shared!r})]\n"
+              f"print('pids', *(p.pid for p in procs), flush=True)\n"
+              f"assert all(p.wait() == 0 for p in procs)\n")
+    import sys
+
+    watch = rehearsal.Watch([sys.executable, "-c", driver], period=0.05)
+    rc, _ = watch.run()
+    assert rc == 0
+    p, s = (int(pid) for pid in next(line for line in watch.lines
+                                      if line.startswith("pids")).split()[1:])
+    size = mb * 2**20 / 1e6
+    assert watch.others_private_peak[p] > 0.9 * size > watch.others_shared_peak[p]
+    assert watch.others_shared_peak[s] > 0.9 * size > watch.others_private_peak[s]
+    assert watch.others_peak[s] > 0.9 * size and watch.others_peak[p] > 0.9 * size
+    assert max(largest for _, largest, *_ in watch.workers) > 0.9 * size
+    assert max(private for _, _, private, _ in watch.workers) > 0.9 * size
+    assert max(shmem for *_, shmem in watch.workers) > 0.9 * size  # the shared segment
