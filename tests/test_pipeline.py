@@ -651,6 +651,30 @@ def test_maps_of_the_structure_features(job):
     assert len(maps[maps.model == "sevennet-0"]) == 2 * (LAST - FIRST - 4)  # its left-out
 
 
+def test_a_sampled_map_is_sklearns_pca_of_the_sampled_rows(job):
+    """A map of a sample (a dataset larger than ``analyses.maps_max_structures``), read shard
+    by shard keeping only the sampled structures: sklearn's PCA of those rows of the cumulants
+    read back with pyarrow, with their energies per atom as ASE reads them."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from latentray.analysis.maps import model_map, sample
+
+    t, F = _cumulants(job["out"], "chgnet-0.3.0")
+    chosen = sample(t.index.to_numpy(), 37, seed=0)
+    assert len(chosen) == 37
+    got = model_map(str(job["out"]), "slice", "bb", "chgnet-0.3.0", "bb4", 2,
+                    -(-(LAST - FIRST) // 50), chosen, ("pca",))
+    np.testing.assert_array_equal(got.structure_index, chosen)
+    at = np.searchsorted(t.index.to_numpy(), chosen)
+    assert list(got.structure_id) == list(t.structure_id.iloc[at])
+    energy = np.array([a.get_potential_energy() / len(a) for a in job["frames"]])
+    np.testing.assert_allclose(got.energy_per_atom, energy[chosen], rtol=1e-12)
+    X = StandardScaler().fit_transform(F[at, :2 * 64])
+    np.testing.assert_allclose(got[["x", "y"]], PCA(n_components=2).fit_transform(X),
+                               rtol=1e-6, atol=1e-8)
+
+
 def test_an_mptrj_json_dataset_runs_end_to_end(tmp_path):
     """format: mptrj-json through `latentray run`: frame ids as structure ids, a bad frame
     skipped into failures/ (model=input), a filter's drop counted."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..reader import Run
 from ..store import features_matrix
@@ -52,26 +53,32 @@ def project(X: np.ndarray, energy_per_atom: np.ndarray, methods: tuple[str, ...]
 def model_map(uri: str, dataset: str, layers: str, model: str, layer: str, order: int,
               shards: int, chosen: np.ndarray | None, methods: tuple[str, ...]) -> pd.DataFrame:
     """The map rows of one (dataset, model, layer); ``chosen``: structure indices to map
-    (None: all). A Ray task."""
+    (None: all). Read one shard at a time, keeping the chosen rows only: its memory is the
+    sample's, not the dataset's. A Ray task."""
     run = Run(uri)
-    table = run.cumulants_table(dataset, model, layer, order, range(shards))
+    parts = []
+    for shard in range(shards):
+        part = run.cumulants_table(dataset, model, layer, order, [shard])
+        if chosen is not None:
+            part = part.filter(np.isin(part["structure_index"].to_numpy(), chosen))
+        parts.append(part)
+    table = pa.concat_tables(parts)
     index = table["structure_index"].to_numpy()
-    keep = np.ones(len(index), bool) if chosen is None else np.isin(index, chosen)
-    X = features_matrix(table["features"])[keep]
+    X = features_matrix(table["features"])
     structures = run.structures(dataset, ["structure_index", "energy", "n_atoms"], shards)
     info = pd.DataFrame({"structure_index": structures["structure_index"].to_numpy(),
                          "energy": structures["energy"].to_numpy(zero_copy_only=False),
                          "n_atoms": structures["n_atoms"].to_numpy()}).set_index(
-        "structure_index").loc[index[keep]]
+        "structure_index").loc[index]
     energy_per_atom = (info.energy / info.n_atoms).to_numpy(dtype=np.float64)
     frames = []
     for method, xy in project(X, energy_per_atom, methods).items():
         frames.append(pd.DataFrame({
             "dataset": dataset, "layers": layers, "model": model, "layer": layer,
             "method": method,
-            "structure_id": np.asarray(table["structure_id"].to_numpy(zero_copy_only=False))[keep],
-            "structure_index": index[keep],
-            "subset": np.asarray(table["subset"].to_numpy(zero_copy_only=False))[keep],
+            "structure_id": np.asarray(table["structure_id"].to_numpy(zero_copy_only=False)),
+            "structure_index": index,
+            "subset": np.asarray(table["subset"].to_numpy(zero_copy_only=False)),
             "energy_per_atom": energy_per_atom, "x": xy[:, 0], "y": xy[:, 1]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MAP_COLUMNS)
 
