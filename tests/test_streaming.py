@@ -430,3 +430,38 @@ def test_streamed_fits_gather_every_pair_into_passes_of_bounded_width(max_width)
         blocks_limit = max(max_width, 2 * max(s[2] for s in pass_sides))
         assert sum(s[2] for s in pass_sides) <= blocks_limit
     assert (len(passes) == 1) == (max_width >= sum(s[2] for s in sides) + 64)
+
+
+def test_ray_map_reduce_merges_in_the_serial_executors_tree():
+    """``RayExecutor.map_reduce`` (block tasks submitted as their merges end, at most
+    ``window`` results waiting) merges the same groups at every level as the serial
+    executor's ``reduce(merge, map(...))``: with a merge that keeps its arguments' nesting,
+    the trees are equal, for sizes around the powers of ``fan_in`` and a window smaller than
+    the number of blocks."""
+    import ray
+
+    from latentray.analysis.executors import RayExecutor
+
+    def _leaf(i):  # (local functions travel to Ray's workers by value)
+        return i
+
+    def _nest(*parts):
+        return tuple(parts)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        for fan_in in (3, 8):
+            for n in (1, 2, fan_in, fan_in + 1, fan_in ** 2, fan_in ** 2 + 1, 70):
+                serial = SerialExecutor()
+                expected = serial.reduce(_nest, serial.map(_leaf, [(i,) for i in range(n)]),
+                                         fan_in)
+                got = RayExecutor(window=2 * fan_in).map_reduce(
+                    _leaf, [(i,) for i in range(n)], _nest, fan_in)
+                assert got == expected, (fan_in, n)
+                assert SerialExecutor().map_reduce(
+                    _leaf, [(i,) for i in range(n)], _nest, fan_in) == expected
+    finally:
+        if started:
+            ray.shutdown()

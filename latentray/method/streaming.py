@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -468,10 +468,19 @@ def _block_statistics(source, i: int, offset: int, split) -> _Statistics:
     return _Statistics(folds=folds, test=_TestRows.concat(tests), dx=dx)
 
 
-def _block_ids(source, i: int, split) -> tuple[int, Any]:
+def _block_ids(source, i: int, split) -> tuple[list[int], Any]:
+    """``([row count], the split's summary)`` of block ``i`` (no summary: None)."""
     ids = source.ids(i)
-    return len(ids["structure_id"]), (split.summarise(ids) if hasattr(split, "summarise")
-                                      else None)
+    return [len(ids["structure_id"])], (split.summarise(ids) if hasattr(split, "summarise")
+                                        else None)
+
+
+def _merge_ids(split, *parts) -> tuple[list[int], Any]:
+    """Consecutive blocks' :func:`_block_ids` as one: their row counts in block order, their
+    summaries merged (exact: counts add, the ``n_test`` smallest keys stay, in any grouping)."""
+    counts = [c for part in parts for c in part[0]]
+    return counts, (split.merge(*[part[1] for part in parts]) if parts[0][1] is not None
+                    else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +514,12 @@ class SerialExecutor:
             handles = [partial(self._merge, fn, handles[i: i + fan_in])
                        for i in range(0, len(handles), fan_in)]
         return self.get(handles)[0]
+
+    def map_reduce(self, fn: Callable, arg_lists: Sequence[tuple], merge: Callable,
+                   fan_in: int = 8):
+        """``reduce(merge, map(fn, arg_lists), fan_in)``: here each task runs as its merge
+        fetches it, so at most ``fan_in`` results per level are held."""
+        return self.reduce(merge, self.map(fn, arg_lists), fan_in)
 
     def map_parts(self, fn: Callable, arg_lists: Sequence[tuple], n_parts: int) -> list[list]:
         """Tasks that yield ``n_parts`` results each (``fn`` a generator), fetched one by one
@@ -749,6 +764,23 @@ def _fit_statistics(stats: _Statistics, metrics: tuple[str, ...]) -> _Fitted:
                    n_train=train.n, alpha=float(alpha[0]), values=values, pointwise=pointwise)
 
 
+def _one_blas_thread(fn: Callable) -> Callable:
+    """``fn`` run with one BLAS thread, as every block task runs (:class:`SerialExecutor`'s
+    in this process, and Ray's in theirs): LAPACK's rounding depends on its thread count,
+    so this makes the numbers the same whichever executor runs the tasks and however many
+    cores the machine has."""
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_one_blas_thread
 def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
                             n_local_points: int | None = None,
                             executor=None) -> ScaleResult:
@@ -768,23 +800,26 @@ def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
     n = source.n_blocks
 
     # 1. ids: row counts (-> row numbers) and, for a hash split, the test thresholds
-    ids = executor.get(executor.map(_block_ids, [(src, i, split) for i in range(n)]))
-    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
-    if hasattr(split, "summarise"):
-        split.resolve(split.merge(*[s for _, s in ids]))
+    counts, summary = executor.map_reduce(_block_ids, [(src, i, split) for i in range(n)],
+                                          partial(_merge_ids, split))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if summary is not None:
+        split.resolve(summary)
     sp = executor.put(split)
 
     # 2. mergeable statistics, tree-reduced, and the fit
-    fitted = _fit_statistics(executor.reduce(_Statistics.merge, executor.map(
-        _block_statistics, [(src, i, int(offsets[i]), sp) for i in range(n)])), metrics)
+    fitted = _fit_statistics(executor.map_reduce(
+        _block_statistics, [(src, i, int(offsets[i]), sp) for i in range(n)],
+        _Statistics.merge), metrics)
     dx, dy = fitted.dx, len(fitted.mean) - fitted.dx
     mean, scale, x_test, y_test = fitted.mean, fitted.scale, fitted.x_test, fitted.y_test
     if "lfre" in metrics:
         k = min(dx, dy) if n_local_points is None else int(n_local_points)
         tx = executor.put(x_test)
         scaling = executor.put((mean, fitted.sx))
-        _, rows, _ = executor.reduce(_merge_neighbours, executor.map(
-            _block_neighbours, [(src, i, int(offsets[i]), sp, scaling, tx, k) for i in range(n)]))
+        _, rows, _ = executor.map_reduce(
+            _block_neighbours, [(src, i, int(offsets[i]), sp, scaling, tx, k) for i in range(n)],
+            _merge_neighbours)
         wanted = np.unique(rows)
         wanted_ref = executor.put(wanted)
         gathered = executor.get(executor.map(
@@ -930,7 +965,7 @@ class _JointStatistics:
 
 
 def _block_ids_joint(source, i: int, split: "HashSplit"):
-    """Row count of block ``i`` and, per pattern, the split's summary of its rows."""
+    """``([row count], {pattern: the split's summary of its rows})`` of block ``i``."""
     ids = source.ids(i)
     pattern = _pattern(ids["present"])
     out = {}
@@ -938,7 +973,16 @@ def _block_ids_joint(source, i: int, split: "HashSplit"):
         rows = pattern == p
         out[p] = split.summarise({k: (None if v is None else v[rows]) for k, v in ids.items()
                                   if k != "present"})
-    return len(pattern), out
+    return [len(pattern)], out
+
+
+def _merge_ids_joint(split: "HashSplit", *parts):
+    """Consecutive blocks' :func:`_block_ids_joint` as one: row counts in block order, each
+    pattern's summaries merged (patterns in the order they first appear)."""
+    counts = [c for part in parts for c in part[0]]
+    patterns = dict.fromkeys(p for part in parts for p in part[1])
+    return counts, {p: split.merge(*[part[1][p] for part in parts if p in part[1]])
+                    for p in patterns}
 
 
 def _block_joint_statistics(source, i: int, offset: int, split: "HashSplit",
@@ -1100,6 +1144,7 @@ def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, 
     return _local_errors_default(Gx, first.x_test[tests], targets, neighbours)
 
 
+@_one_blas_thread
 def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_test: int,
                        seed: int = 0, stratified: bool = True, at_most_half: bool = False,
                        metrics=("gfre",), executor=None, gather_rows: int = GATHER_ROWS,
@@ -1153,13 +1198,10 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
     n = source.n_blocks
 
     # 1. ids: row counts, and per pattern the split's summary
-    ids = executor.get(executor.map(_block_ids_joint, [(src, i, template) for i in range(n)]))
-    offsets = np.concatenate([[0], np.cumsum([c for c, _ in ids])]).astype(np.int64)
-    summaries: dict[int, list] = {}
-    for _, per_pattern in ids:
-        for p, summary in per_pattern.items():
-            summaries.setdefault(p, []).append(summary)
-    summaries = {p: template.merge(*s) for p, s in summaries.items()}
+    counts, summaries = executor.map_reduce(
+        _block_ids_joint, [(src, i, template) for i in range(n)],
+        partial(_merge_ids_joint, template))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     splits, patterns_of = {}, {}
     for a, b in pairs:
         patterns_of[a, b] = tuple(sorted(p for p in summaries if _has(p, a, b)))
@@ -1175,9 +1217,10 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
                 c[s] = max(c.get(s, np.uint64(0)), threshold)
 
     # 2. joint statistics, tree-reduced; then every pair's fit
-    joint = executor.reduce(_JointStatistics.merge, executor.map(
+    joint = executor.map_reduce(
         _block_joint_statistics,
-        [(src, i, int(offsets[i]), template, candidate_thresholds) for i in range(n)]))
+        [(src, i, int(offsets[i]), template, candidate_thresholds) for i in range(n)],
+        _JointStatistics.merge)
     fitted = {(a, b): _fit_statistics(_pair_statistics(joint, widths, a, b, splits[a, b]),
                                       wanted_metrics[a, b]) for a, b in pairs}
 
@@ -1194,9 +1237,9 @@ def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_
             queries.append((a, patterns, splits[members[0]], first.mean[:first.dx], first.sx,
                             first.x_test, k))
         q = executor.put(queries)
-        found = executor.reduce(_merge_neighbour_lists, executor.map(
+        found = executor.map_reduce(
             _block_neighbours_joint, [(src, i, int(offsets[i]), template, q)
-                                      for i in range(n)]))
+                                      for i in range(n)], _merge_neighbour_lists)
         # 4. the gather, in blocks of test rows: a block's neighbour rows once, every side's
         # columns as stored, at most `gather_rows` of them; then the local fits of its rows
         members_of = list(groups.values())
