@@ -3,22 +3,7 @@ in-process :class:`latentray.method.streaming.SerialExecutor` that the method sh
 
 from __future__ import annotations
 
-from typing import Callable
-
-
-def _one_blas_thread(fn: Callable) -> Callable:
-    """``fn`` with one BLAS thread, under ``fn``'s name (a ``functools.partial``: its
-    function's), which Ray gives its tasks and their worker processes."""
-    name = getattr(fn, "func", fn).__name__
-
-    def run(*args):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fn(*args)
-
-    run.__name__ = run.__qualname__ = name
-    return run
+from ..method.streaming import one_blas_thread
 
 
 class RayExecutor:
@@ -33,7 +18,7 @@ class RayExecutor:
         self._ray, self._num_cpus, self._window = ray, num_cpus, window
 
     def _remote(self, fn):
-        return self._ray.remote(num_cpus=self._num_cpus)(_one_blas_thread(fn))
+        return self._ray.remote(num_cpus=self._num_cpus)(one_blas_thread(fn))
 
     def put(self, obj):
         return self._ray.put(obj)

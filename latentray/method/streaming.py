@@ -764,23 +764,26 @@ def _fit_statistics(stats: _Statistics, metrics: tuple[str, ...]) -> _Fitted:
                    n_train=train.n, alpha=float(alpha[0]), values=values, pointwise=pointwise)
 
 
-def _one_blas_thread(fn: Callable) -> Callable:
+def one_blas_thread(fn: Callable) -> Callable:
     """``fn`` run with one BLAS thread, as every block task runs (:class:`SerialExecutor`'s
-    in this process, and Ray's in theirs): LAPACK's rounding depends on its thread count,
-    so this makes the numbers the same whichever executor runs the tasks and however many
-    cores the machine has."""
+    in this process, Ray's in theirs) and the fits that coordinate them: LAPACK's rounding
+    depends on its thread count, so this makes the numbers the same whichever executor runs
+    the tasks and however many cores the machine has. Named as ``fn`` (a
+    ``functools.partial``: as its function), the name Ray gives a task and its worker."""
+    named = getattr(fn, "func", fn)
 
-    @wraps(fn)
+    @wraps(named)
     def run(*args, **kwargs):
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1, user_api="blas"):
             return fn(*args, **kwargs)
 
+    run.__wrapped__ = fn  # its signature (a partial's: without the arguments it binds)
     return run
 
 
-@_one_blas_thread
+@one_blas_thread
 def reconstruction_at_scale(source: BlockSource, split, metrics=("gfre",),
                             n_local_points: int | None = None,
                             executor=None) -> ScaleResult:
@@ -1144,7 +1147,7 @@ def _local_errors_of(fitted, members, widths, features, wanted, neighbour_rows, 
     return _local_errors_default(Gx, first.x_test[tests], targets, neighbours)
 
 
-@_one_blas_thread
+@one_blas_thread
 def all_pairs_at_scale(source: SidesSource, pairs: Sequence[tuple[int, int]], n_test: int,
                        seed: int = 0, stratified: bool = True, at_most_half: bool = False,
                        metrics=("gfre",), executor=None, gather_rows: int = GATHER_ROWS,
