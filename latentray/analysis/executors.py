@@ -30,16 +30,10 @@ class RayExecutor:
     def get(self, handles):
         return self._ray.get(list(handles))
 
-    def reduce(self, fn, handles, fan_in: int = 8):
-        remote = self._remote(fn)
-        while len(handles) > 1:
-            handles = [remote.remote(*handles[i: i + fan_in])
-                       for i in range(0, len(handles), fan_in)]
-        return self._ray.get(handles[0])
-
     def map_reduce(self, fn, arg_lists, merge, fan_in: int = 8):
-        """``reduce(merge, map(fn, arg_lists), fan_in)``: the same tree of merges (groups of
-        ``fan_in`` consecutive results at every level), so the same result to the last bit,
+        """:meth:`~latentray.method.streaming.SerialExecutor.reduce` of ``merge`` over ``fn``'s
+        results: the same tree of merges (groups of ``fan_in`` consecutive results at every
+        level), so the same result to the last bit,
         with the block tasks submitted as their merges end: at most ``window`` block results
         wait for a merge, whatever the number of blocks. (Submitted all at once, the block
         tasks of every pass run before the merges queued behind them, and the object store
@@ -71,7 +65,7 @@ class RayExecutor:
             push(0, leaf.remote(*args))
             waiting += 1
         level = 0
-        while pushed[level] > 1:  # the last, partial group of each level, as reduce() does
+        while pushed[level] > 1:  # the last, partial group of each level
             if pending[level]:
                 group, pending[level] = pending[level], []
                 push(level + 1, node.remote(*group))
